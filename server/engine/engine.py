@@ -1,0 +1,444 @@
+"""The engine: add requests, step (schedule -> run -> update), stream each request's tokens.
+
+Use it inline from one thread (`stream()` drives the steps itself), or call `start()` to run
+the loop on a background thread and read streams from any thread or asyncio task. All engine
+state is touched only by the thread that steps; add_request() and abort() from other threads
+go through an inbox that is applied between steps. A failing step fails only the requests in
+it; the loop goes on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from server.config import EngineConfig
+from server.engine.block_manager import BlockManager
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.errors import ContextLengthExceededError, EngineDeadError, InvalidRequestError
+from server.engine.kv_cache import KVCache, num_blocks_for
+from server.engine.loader import LoadedModel, load_model
+from server.engine.model import LlamaModel
+from server.engine.request import (FinishReason, Request, RequestStats, RequestStatus, SamplingParams,
+                                   TokenEvent)
+from server.engine.runner import ModelRunner, StepOutput
+from server.engine.scheduler import Batch, Scheduler
+from server.engine.streams import RequestStream
+from server.engine.telemetry import HeadStats, HeadStatsAccumulator, RequestTelemetry
+
+log = logging.getLogger("headwise.engine")
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one step did (for publishers)."""
+
+    num_scheduled_tokens: int
+    num_sampled: int
+    num_preempted: int
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    step_time: float
+    telemetry: bool
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Counters since start and current load (for publishers)."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_blocks: int
+    num_free_blocks: int
+    num_preemptions: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prompt_tokens: int
+    generation_tokens: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished request, as generate() returns it."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: FinishReason
+    stop_reason: str | int | None
+    stats: RequestStats
+    head_telemetry: object | None
+    logprobs: tuple | None
+
+
+class _Live:
+    """Engine-side companions of a request: stream, detokenizer, telemetry sums."""
+
+    def __init__(self, request: Request, stream: RequestStream, detok: IncrementalDetokenizer,
+                 telemetry: RequestTelemetry | None) -> None:
+        self.request = request
+        self.stream = stream
+        self.detok = detok
+        self.telemetry = telemetry
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None,
+                 progress=None) -> None:
+        self.config = config = config or EngineConfig()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = torch.device(config.device)
+        self.loaded = loaded or load_model(config.model, progress=progress)
+        self.model_config = mc = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        self.max_model_len = min(config.scheduler.max_model_len or mc.max_position_embeddings,
+                                 mc.max_position_embeddings)
+        num_blocks = num_blocks_for(mc, config.cache, self.max_model_len)
+        self.model = LlamaModel.from_weights(mc, self.loaded.weights, self.max_model_len, self.device)
+        self.cache = KVCache.allocate(mc, num_blocks, config.cache.block_size, self.device)
+        self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.runner = ModelRunner(self.model, self.cache, self.device, config.telemetry.sink_tokens)
+        self.head_stats = HeadStatsAccumulator(mc.num_layers, mc.num_heads, config.telemetry.histogram_buckets)
+        self.eos_token_ids = frozenset(mc.eos_token_ids)
+        self._live: dict[str, _Live] = {}
+        self._inbox: list[tuple[str, object]] = []
+        self._inbox_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._rng = random.Random(config.seed)
+        self._ids = itertools.count()
+        self._telemetry_credit = 0.0
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self._step_lock = threading.Lock()
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.steps = 0
+        self.last_step: StepStats | None = None
+
+    # -- requests ---------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=True))
+
+    def chat_prompt(self, messages: Sequence[dict], add_generation_prompt: bool = True, **template_kwargs) -> list[int]:
+        """Token ids of messages rendered through the model's chat template."""
+        if not messages:
+            raise InvalidRequestError("messages must not be empty", param="messages")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError("this model has no chat template; use a plain prompt", param="messages")
+        try:
+            text = self.tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt, **template_kwargs)
+        except Exception as exc:  # jinja errors, bad roles: the client's input
+            raise InvalidRequestError(f"chat template failed: {exc}", param="messages") from exc
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Validate and queue a request; returns its id. Raises InvalidRequestError (or
+        ContextLengthExceededError) before anything is scheduled."""
+        if self._dead is not None:
+            raise EngineDeadError(f"engine loop stopped: {self._dead}")
+        params = params or SamplingParams()
+        if isinstance(params, SamplingParams) is False:
+            raise InvalidRequestError("params must be SamplingParams", param="params")
+        if isinstance(prompt, str):
+            ids = self.tokenize(prompt)
+        else:
+            ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+                raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        if not ids:
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
+        if len(ids) >= self.max_model_len:
+            raise ContextLengthExceededError(
+                f"prompt has {len(ids)} tokens; the context window is {self.max_model_len} tokens "
+                f"and at least one must be left to generate", param="prompt")
+        if params.max_tokens is None:
+            max_tokens = self.max_model_len - len(ids)
+        elif len(ids) + params.max_tokens > self.max_model_len:
+            raise ContextLengthExceededError(
+                f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the context window "
+                f"of {self.max_model_len} tokens", param="max_tokens")
+        else:
+            max_tokens = params.max_tokens
+        rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
+        with self._inbox_lock:
+            if rid in self._live:
+                raise InvalidRequestError(f"request id {rid!r} is already in use", param="request_id")
+            req = Request(request_id=rid, prompt_token_ids=ids, params=params, arrival_time=time.monotonic(),
+                          max_tokens=max_tokens, eos_token_ids=self.eos_token_ids,
+                          seed=params.seed if params.seed is not None else self._rng.getrandbits(63))
+            mc = self.model_config
+            telemetry = RequestTelemetry(mc.num_layers, mc.num_heads, mc.num_kv_heads) if params.head_telemetry else None
+            self._live[rid] = _Live(req, RequestStream(), IncrementalDetokenizer(self.tokenizer, ids, params), telemetry)
+            self._inbox.append(("add", req))
+        self._wake.set()
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its stream ends with finish_reason ABORT and its blocks are freed.
+        Unknown or finished ids are ignored."""
+        with self._inbox_lock:
+            self._inbox.append(("abort", request_id))
+        self._wake.set()
+
+    # -- the loop -----------------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        with self._inbox_lock:
+            return bool(self._inbox) or self.scheduler.has_work()
+
+    def step(self) -> list[TokenEvent]:
+        """One iteration: apply the inbox, schedule, run, update. Returns the events emitted."""
+        with self._step_lock:
+            t0 = time.monotonic()
+            events = self._apply_inbox()
+            batch = self.scheduler.schedule()
+            if batch.empty:
+                return events
+            now = time.monotonic()
+            for s in batch.scheduled:
+                if s.request.first_scheduled_time is None:
+                    s.request.first_scheduled_time = now
+            telemetry = self._telemetry_due()
+            try:
+                out = self.runner.execute(batch, telemetry)
+            except Exception as exc:  # a failed step fails its requests, never the loop
+                log.exception("step failed; failing %d requests", len(batch.scheduled))
+                for s in batch.scheduled:
+                    events.append(self._finish(s.request, FinishReason.ERROR, error=f"engine step failed: {exc}"))
+                return self._publish(events)
+            events.extend(self._update(batch, out))
+            self.steps += 1
+            self.last_step = StepStats(
+                num_scheduled_tokens=out.num_tokens, num_sampled=len(out.sampled), num_preempted=len(batch.preempted),
+                num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+                kv_cache_usage=self.block_manager.usage, step_time=time.monotonic() - t0, telemetry=telemetry)
+            return self._publish(events)
+
+    def _telemetry_due(self) -> bool:
+        tc = self.config.telemetry
+        if not tc.enabled:
+            return False
+        self._telemetry_credit += tc.sample_rate
+        if self._telemetry_credit >= 1.0 - 1e-9:
+            self._telemetry_credit -= 1.0
+            return True
+        return False
+
+    def _apply_inbox(self) -> list[TokenEvent]:
+        with self._inbox_lock:
+            inbox, self._inbox = self._inbox, []
+        events = []
+        for kind, item in inbox:
+            if kind == "add":
+                self.scheduler.add(item)
+            else:
+                live = self._live.get(item)
+                if live is not None and not live.request.is_finished:
+                    events.append(self._finish(live.request, FinishReason.ABORT))
+        return self._publish(events)
+
+    def _update(self, batch: Batch, out: StepOutput) -> list[TokenEvent]:
+        bm = self.block_manager
+        for s in batch.scheduled:
+            req = s.request
+            req.num_computed_tokens += s.num_new_tokens
+            req.num_committed_blocks = bm.commit(req.block_ids, req.token_ids, req.num_computed_tokens,
+                                                 req.num_committed_blocks)
+        if out.stats is not None:
+            self.head_stats.add(out.stats)
+        events = []
+        now = time.monotonic()
+        for tok in out.sampled:
+            live = self._live[tok.request_id]
+            try:
+                events.append(self._accept(live, tok, now, out.stats))
+            except Exception as exc:  # e.g. a detokenizer failure: this request only
+                log.exception("update of %s failed", tok.request_id)
+                events.append(self._finish(live.request, FinishReason.ERROR, error=f"engine update failed: {exc}"))
+        return events
+
+    def _accept(self, live: _Live, tok, now: float, stats: torch.Tensor | None) -> TokenEvent:
+        req = live.request
+        req.token_ids.append(tok.token_id)
+        self.generation_tokens += 1
+        if req.first_token_time is None:
+            req.first_token_time = now
+            self.prompt_tokens += req.num_prompt_tokens
+        else:
+            req.inter_token_latencies.append(now - req.last_token_time)
+        req.last_token_time = now
+        if live.telemetry is not None and tok.telemetry_row is not None and stats is not None:
+            live.telemetry.add_row(stats[:, tok.telemetry_row])       # [L, H, 5]
+        p = req.params
+        logprobs = (tok.logprob,) if tok.logprob is not None else None
+        reason, stop_reason, text = None, None, ""
+        if tok.token_id in req.eos_token_ids and not p.ignore_eos:
+            reason = FinishReason.STOP
+        elif tok.token_id in p.stop_token_ids:
+            reason, stop_reason = FinishReason.STOP, tok.token_id
+        else:
+            update = live.detok.add_token(tok.token_id)
+            text = update.text
+            if update.stop_string is not None and req.num_output_tokens >= p.min_tokens:
+                reason, stop_reason = FinishReason.STOP, update.stop_string
+        if reason is None and (req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len):
+            reason = FinishReason.LENGTH
+        if reason is None:
+            return TokenEvent(req.request_id, (tok.token_id,), text, logprobs)
+        if reason is FinishReason.LENGTH or stop_reason is None or isinstance(stop_reason, int):
+            text += live.detok.finish()
+        return self._finish(req, reason, stop_reason=stop_reason, token_ids=(tok.token_id,), text=text,
+                            logprobs=logprobs)
+
+    def _finish(self, req: Request, reason: FinishReason, *, stop_reason=None, token_ids=(), text="",
+                logprobs=None, error: str | None = None) -> TokenEvent:
+        self.scheduler.finish(req, reason)
+        req.stop_reason = stop_reason
+        live = self._live[req.request_id]
+        if reason in (FinishReason.ABORT, FinishReason.ERROR):
+            text += live.detok.finish() if reason is FinishReason.ABORT else ""
+        end = time.monotonic()
+        stats = RequestStats(
+            num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=req.num_output_tokens,
+            num_cached_tokens=req.num_cached_tokens, num_preemptions=req.num_preemptions,
+            queue_time=(req.first_scheduled_time or end) - req.arrival_time,
+            time_to_first_token=None if req.first_token_time is None else req.first_token_time - req.arrival_time,
+            prefill_time=(None if req.first_token_time is None or req.first_scheduled_time is None
+                          else req.first_token_time - req.first_scheduled_time),
+            decode_time=(None if req.first_token_time is None else req.last_token_time - req.first_token_time),
+            e2e_latency=end - req.arrival_time, inter_token_latencies=tuple(req.inter_token_latencies))
+        return TokenEvent(req.request_id, tuple(token_ids), text, logprobs, finished=True, finish_reason=reason,
+                          stop_reason=stop_reason, stats=stats,
+                          head_telemetry=live.telemetry.result() if live.telemetry is not None else None,
+                          error=error)
+
+    def _publish(self, events: list[TokenEvent]) -> list[TokenEvent]:
+        for ev in events:
+            live = self._live.get(ev.request_id)
+            if live is None:
+                continue
+            live.stream.put(ev)
+            if ev.finished:
+                with self._inbox_lock:
+                    del self._live[ev.request_id]
+        return events
+
+    # -- consuming streams ------------------------------------------------------------------
+    def _stream_of(self, request_id: str) -> RequestStream:
+        with self._inbox_lock:
+            live = self._live.get(request_id)
+        if live is None:
+            raise KeyError(f"unknown request {request_id!r}")
+        return live.stream
+
+    def stream(self, request_id: str) -> Iterator[TokenEvent]:
+        """Yield the request's events until its final one. Without a background loop
+        (start() not called) this drives the engine's steps itself."""
+        st = self._stream_of(request_id)
+        while True:
+            for ev in st.drain():
+                yield ev
+                if ev.finished:
+                    return
+            if self._thread is None:
+                self.step()
+            else:
+                if self._dead is not None:
+                    raise EngineDeadError(f"engine loop stopped: {self._dead}")
+                st.wait(timeout=1.0)
+
+    async def astream(self, request_id: str) -> AsyncIterator[TokenEvent]:
+        """Async version of stream(); needs the background loop (start())."""
+        if self._thread is None:
+            raise RuntimeError("astream() needs the background loop: call engine.start() first")
+        st = self._stream_of(request_id)
+        while True:
+            for ev in st.drain():
+                yield ev
+                if ev.finished:
+                    return
+            if self._dead is not None:
+                raise EngineDeadError(f"engine loop stopped: {self._dead}")
+            await st.async_wait()
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[Completion]:
+        """Run prompts to completion together (continuous batching) and return them in order."""
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        return [self.collect(rid) for rid in ids]
+
+    def collect(self, request_id: str) -> Completion:
+        """Consume a request's stream and assemble the Completion."""
+        texts, tokens, lps = [], [], []
+        req_prompt = self._live[request_id].request.prompt_token_ids
+        final = None
+        for ev in self.stream(request_id):
+            texts.append(ev.text)
+            tokens.extend(ev.token_ids)
+            if ev.logprobs:
+                lps.extend(ev.logprobs)
+            final = ev
+        return Completion(request_id, tuple(req_prompt), tuple(tokens), "".join(texts), final.finish_reason,
+                          final.stop_reason, final.stats, final.head_telemetry, tuple(lps) if lps else None)
+
+    # -- background loop --------------------------------------------------------------------
+    def start(self) -> None:
+        """Run the loop on a daemon thread until shutdown()."""
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="headwise-engine", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                if not self.has_unfinished():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                self.step()
+        except BaseException as exc:  # noqa: BLE001 - a bug in the loop itself: fail loudly, wake everyone
+            log.exception("engine loop died")
+            self._dead = exc
+            for live in list(self._live.values()):
+                live.stream.put(TokenEvent(live.request.request_id, (), "", finished=True,
+                                           finish_reason=FinishReason.ERROR, error="engine loop died"))
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    # -- observability ----------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting + len(self._inbox),
+            kv_cache_usage=bm.usage, num_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks,
+            num_preemptions=self.scheduler.num_preemptions, prefix_cache_queries=bm.prefix_queries,
+            prefix_cache_hits=bm.prefix_hits, prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.generation_tokens, steps=self.steps)
+
+    def head_stats_snapshot(self) -> HeadStats:
+        return self.head_stats.snapshot()

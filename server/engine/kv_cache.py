@@ -1,0 +1,69 @@
+"""Paged K/V storage: per layer, K and V pages of shape [num_blocks, block_size, num_kv_heads, head_dim].
+
+A token at position p of a sequence lives in slot block_table[p // block_size] * block_size
++ p % block_size. Writes go through a slot mapping (one slot per new token); reads gather a
+sequence's slots. Sizing turns a memory budget into a number of blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from server.config import CacheConfig, ModelConfig
+
+
+def num_blocks_for(model: ModelConfig, cache: CacheConfig, max_model_len: int, dtype_bytes: int = 4) -> int:
+    """Blocks that fit the memory budget (or cache.num_blocks). Raises ValueError when one
+    request of max_model_len tokens could not fit, so the whole window is always usable."""
+    bytes_per_block = model.kv_bytes_per_token(dtype_bytes) * cache.block_size
+    num_blocks = cache.num_blocks if cache.num_blocks is not None else cache.memory_bytes // bytes_per_block
+    needed = -(-max_model_len // cache.block_size)
+    if num_blocks < needed:
+        raise ValueError(
+            f"KV cache of {num_blocks} blocks x {cache.block_size} tokens holds fewer than max_model_len="
+            f"{max_model_len} tokens; give it at least {needed * bytes_per_block / 2**20:.0f} MiB "
+            f"or lower max_model_len")
+    return num_blocks
+
+
+@dataclass
+class KVCache:
+    """K and V pages of every layer. Allocated once; the block manager decides who owns what."""
+
+    k: list[torch.Tensor]  # L x [num_blocks, block_size, KVH, D]
+    v: list[torch.Tensor]  # L x [num_blocks, block_size, KVH, D]
+
+    @classmethod
+    def allocate(cls, model: ModelConfig, num_blocks: int, block_size: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> KVCache:
+        shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        return cls(k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(model.num_layers)],
+                   v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(model.num_layers)])
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def block_size(self) -> int:
+        return self.k[0].shape[1]
+
+    def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new tokens' K/V. slot_mapping [T]; k, v [T, KVH, D]."""
+        kvh, d = k.shape[1], k.shape[2]
+        self.k[layer].view(-1, kvh, d).index_copy_(0, slot_mapping, k)  # [num_blocks * bs, KVH, D]
+        self.v[layer].view(-1, kvh, d).index_copy_(0, slot_mapping, v)  # [num_blocks * bs, KVH, D]
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V at the given slots. slots [...] -> k, v [..., KVH, D]."""
+        kvh, d = self.k[layer].shape[2], self.k[layer].shape[3]
+        k = self.k[layer].view(-1, kvh, d)[slots]  # [..., KVH, D]
+        v = self.v[layer].view(-1, kvh, d)[slots]  # [..., KVH, D]
+        return k, v
+
+
+def slots_for(block_ids: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Cache slots of positions start..end-1 of a sequence with the given block table."""
+    return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]

