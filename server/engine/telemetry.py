@@ -63,7 +63,7 @@ class HeadStatsAccumulator:
         """stats [L, R, H, NUM_STATS] (any float dtype, any device)."""
         st = stats.detach().to("cpu", torch.float64)                 # [L, R, H, 5]
         num_layers, rows, num_heads, _ = st.shape
-        ne = st[..., NORMALIZED_ENTROPY]                             # [L, R, H]
+        ne = st[..., NORMALIZED_ENTROPY].contiguous()                # [L, R, H]
         # bucket index b: value <= buckets[b] (Prometheus "le" semantics); NB for above all.
         idx = torch.bucketize(ne, self._edges, right=False)          # [L, R, H]
         layer_counts = torch.zeros_like(self._hist)                  # [L, NB+1]

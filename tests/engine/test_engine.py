@@ -1,0 +1,251 @@
+"""The engine end to end: batch invariance under staggered arrivals, chunked prefill and forced
+preemption; seeded sampling; aborts; prefix caching; block accounting; bad input; streams."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from server.config import CacheConfig, EngineConfig, SchedulerConfig, TelemetryConfig
+from server.engine.engine import Engine
+from server.engine.errors import ContextLengthExceededError, InvalidRequestError
+from server.engine.request import FinishReason, SamplingParams
+
+PROMPTS = [
+    "The capital of France is", "Attention heads", "Hello world! 1 2 3", "A quick brown fox",
+    "some attend to the first token", "héllo wörld", "The capital of Italy is Rome.", "emojis and accents 😀",
+    "1 2 3 4 5 6 7 8 9 10.", "jumps over the lazy dog", "look back over the context window",
+    "The capital", "Hello", "Rome", "wörld ñ ç", "A",
+]
+
+
+def run_staggered(engine: Engine, prompts, params_list, arrivals_per_step: int = 3) -> dict[int, tuple]:
+    """Add prompts a few at a time between steps (continuous batching), run to completion."""
+    pending = list(enumerate(zip(prompts, params_list)))
+    ids: dict[str, int] = {}
+    results: dict[int, tuple] = {}
+    tokens: dict[str, list[int]] = {}
+    while pending or engine.has_unfinished():
+        for _ in range(min(arrivals_per_step, len(pending))):
+            i, (p, sp) = pending.pop(0)
+            rid = engine.add_request(p, sp)
+            ids[rid], tokens[rid] = i, []
+        for ev in engine.step():
+            tokens[ev.request_id].extend(ev.token_ids)
+            if ev.finished:
+                results[ids[ev.request_id]] = (tuple(tokens[ev.request_id]), ev.finish_reason)
+    return results
+
+
+def alone(engine: Engine, prompt, params) -> tuple:
+    done = engine.generate([prompt], params)[0]
+    return done.token_ids, done.finish_reason
+
+
+def tiny_engine(path: str, **sched) -> Engine:
+    return Engine(EngineConfig(model=path, cache=CacheConfig(num_blocks=sched.pop("num_blocks", 256)),
+                               scheduler=SchedulerConfig(max_model_len=sched.pop("max_model_len", 256), **sched)))
+
+
+def assert_blocks_all_free(engine: Engine) -> None:
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+    assert all(bm.ref_count(b) == 0 for b in range(bm.num_blocks))
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "seeded"])
+def test_batch_invariance_with_preemption_tiny(tiny_llama_dir, sampling):
+    params = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True) if sampling == "greedy"
+              else SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=100 + i, ignore_eos=True)
+              for i in range(len(PROMPTS))]
+    solo = tiny_engine(tiny_llama_dir)
+    expected = [alone(solo, p, sp) for p, sp in zip(PROMPTS, params)]
+    # 16 blocks of 16 tokens for 16 sequences of up to ~40 tokens: preemption is certain;
+    # a 16-token budget forces chunked prefill mixed with decodes.
+    crowded = tiny_engine(tiny_llama_dir, num_blocks=16, max_num_batched_tokens=16, max_num_seqs=16)
+    got = run_staggered(crowded, PROMPTS, params)
+    assert crowded.scheduler.num_preemptions > 0
+    for i, exp in enumerate(expected):
+        assert got[i] == exp, f"prompt {i} differs"
+    assert_blocks_all_free(crowded)
+
+
+def test_seed_reproducible_and_different_seeds_differ(tiny_llama_dir):
+    engine = tiny_engine(tiny_llama_dir)
+    p = SamplingParams(max_tokens=20, temperature=1.0, seed=7, ignore_eos=True)
+    a = engine.generate(["Hello"], p)[0].token_ids
+    b = engine.generate(["Hello"], p)[0].token_ids
+    c = engine.generate(["Hello"], SamplingParams(max_tokens=20, temperature=1.0, seed=8, ignore_eos=True))[0].token_ids
+    assert a == b and a != c
+
+
+def test_abort_returns_blocks_and_spares_others(tiny_llama_dir):
+    engine = tiny_engine(tiny_llama_dir)
+    keep = engine.add_request("The capital of France is", SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    drop = engine.add_request("Hello world", SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+    for _ in range(5):
+        engine.step()
+    engine.abort(drop)
+    events = {}
+    while engine.has_unfinished():
+        for ev in engine.step():
+            if ev.finished:
+                events[ev.request_id] = ev
+    assert events[drop].finish_reason is FinishReason.ABORT
+    assert events[keep].finish_reason is FinishReason.LENGTH and events[keep].stats.num_output_tokens == 30
+    assert_blocks_all_free(engine)
+    ref = tiny_engine(tiny_llama_dir).generate(["The capital of France is"],
+                                               SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0]
+    assert events[keep].stats.num_output_tokens == len(ref.token_ids)
+
+
+def test_abort_while_waiting_and_unknown_id(tiny_llama_dir):
+    engine = tiny_engine(tiny_llama_dir)
+    rid = engine.add_request("Hello", SamplingParams(max_tokens=5))
+    engine.abort(rid)
+    engine.abort("no-such-request")
+    evs = engine.step()
+    assert [e.finish_reason for e in evs] == [FinishReason.ABORT]
+    assert_blocks_all_free(engine)
+
+
+def test_prefix_cache_hit_gives_identical_output(tiny_llama_dir):
+    engine = tiny_engine(tiny_llama_dir, num_blocks=128, max_model_len=512)
+    tok = engine.tokenizer
+    prefix = tok.encode("The capital of France is Paris. " * 40)[:300]
+    assert len(prefix) == 300
+    a_ids = prefix + tok.encode(" Rome")
+    b_ids = prefix + tok.encode(" Hello world")
+    p = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    engine.generate([a_ids], p)
+    hits_before = engine.block_manager.prefix_hits
+    b_cached = engine.generate([b_ids], p)[0]
+    assert engine.block_manager.prefix_hits - hits_before == 288  # 18 full blocks of 16
+    assert b_cached.stats.num_cached_tokens == 288
+    fresh = tiny_engine(tiny_llama_dir, num_blocks=128, max_model_len=512)
+    assert fresh.generate([b_ids], p)[0].token_ids == b_cached.token_ids
+    assert_blocks_all_free(engine)
+
+
+def test_stop_conditions(tiny_llama_dir):
+    engine = tiny_engine(tiny_llama_dir)
+    base = engine.generate(["Hello world"], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    stop_tok = base.token_ids[5]
+    first = base.token_ids.index(stop_tok)
+    r = engine.generate(["Hello world"], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                       stop_token_ids=(stop_tok,)))[0]
+    assert r.finish_reason is FinishReason.STOP and r.stop_reason == stop_tok and len(r.token_ids) == first + 1
+    r = engine.generate(["Hello world"], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                       stop_token_ids=(stop_tok,), min_tokens=12))[0]
+    assert stop_tok not in r.token_ids and len(r.token_ids) == 12
+    if base.text.strip():
+        needle = base.text.strip()[:3]
+        r = engine.generate(["Hello world"], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                           stop=(needle,)))[0]
+        assert r.finish_reason is FinishReason.STOP and r.stop_reason == needle and needle not in r.text
+
+
+def test_logprobs_returned(tiny_llama_dir):
+    engine = tiny_engine(tiny_llama_dir)
+    r = engine.generate(["Hello"], SamplingParams(max_tokens=4, temperature=0, logprobs=3, ignore_eos=True))[0]
+    assert len(r.logprobs) == 4
+    for tok, lp in zip(r.token_ids, r.logprobs):
+        assert lp.token_id == tok and len(lp.top) == 3 and lp.top[0][0] == tok  # greedy picks the best
+
+
+@pytest.mark.parametrize("prompt,params,exc", [
+    ("x " * 300, SamplingParams(max_tokens=1), ContextLengthExceededError),
+    ("Hello world", SamplingParams(max_tokens=255), ContextLengthExceededError),
+    ("", SamplingParams(), InvalidRequestError),
+    ([10**9], SamplingParams(), InvalidRequestError),
+])
+def test_bad_requests_rejected_before_scheduling(tiny_llama_dir, prompt, params, exc):
+    engine = tiny_engine(tiny_llama_dir)
+    with pytest.raises(exc):
+        engine.add_request(prompt, params)
+    assert not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_tokens=0), dict(temperature=-1), dict(temperature=float("nan")),
+                                    dict(temperature=float("inf")), dict(top_p=0), dict(top_p=1.5),
+                                    dict(logprobs=21), dict(min_tokens=5, max_tokens=2), dict(stop=("",))])
+def test_bad_sampling_params(kwargs):
+    with pytest.raises(InvalidRequestError):
+        SamplingParams(**kwargs)
+
+
+def test_background_loop_sync_and_async_streams(tiny_llama_dir):
+    engine = tiny_engine(tiny_llama_dir)
+    engine.start()
+    try:
+        p = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+        expected = tiny_engine(tiny_llama_dir).generate(["Hello"], p)[0].token_ids
+
+        def sync_read(out):
+            out.extend(t for ev in engine.stream(engine.add_request("Hello", p)) for t in ev.token_ids)
+
+        threads_out = [[] for _ in range(3)]
+        threads = [threading.Thread(target=sync_read, args=(o,)) for o in threads_out]
+        for t in threads:
+            t.start()
+
+        async def async_read():
+            toks = []
+            async for ev in engine.astream(engine.add_request("Hello", p)):
+                toks.extend(ev.token_ids)
+            return toks
+
+        async def many():
+            return await asyncio.gather(*(async_read() for _ in range(3)))
+
+        async_out = asyncio.run(many())
+        for t in threads:
+            t.join(30)
+        for toks in threads_out + list(async_out):
+            assert tuple(toks) == expected
+    finally:
+        engine.shutdown()
+
+
+def test_failed_step_fails_only_its_requests(tiny_llama_dir, monkeypatch):
+    engine = tiny_engine(tiny_llama_dir)
+    rid = engine.add_request("Hello", SamplingParams(max_tokens=5, temperature=0))
+    real = engine.runner.execute
+    calls = {"n": 0}
+
+    def flaky(batch, stats):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return real(batch, stats)
+
+    monkeypatch.setattr(engine.runner, "execute", flaky)
+    evs = engine.step()
+    assert evs[0].finish_reason is FinishReason.ERROR and "boom" in evs[0].error
+    assert_blocks_all_free(engine)
+    ok = engine.generate(["Hello"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
+    assert len(ok.token_ids) == 5 and rid != ok.request_id
+
+
+def test_request_telemetry_rows_and_sample_rate(tiny_llama_dir):
+    engine = tiny_engine(tiny_llama_dir)
+    r = engine.generate(["Hello world"], SamplingParams(max_tokens=9, temperature=0, ignore_eos=True,
+                                                       head_telemetry=True))[0]
+    t = r.head_telemetry
+    assert t.rows == 9 and t.layers == 3 and t.heads == 4 and t.kv_heads == 2
+    assert len(t.entropy) == 3 and all(len(row) == 4 for row in t.entropy)
+    snap = engine.head_stats_snapshot()
+    assert int(snap.counts[0, 0]) == 9 and int(snap.histogram.sum()) == 9 * 3 * 4
+    half = Engine(EngineConfig(model=tiny_llama_dir, cache=CacheConfig(num_blocks=64),
+                               scheduler=SchedulerConfig(max_model_len=256),
+                               telemetry=TelemetryConfig(sample_rate=0.5)))
+    r = half.generate(["Hello world"], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True,
+                                                     head_telemetry=True))[0]
+    assert r.head_telemetry.rows == 5
+    off = Engine(EngineConfig(model=tiny_llama_dir, cache=CacheConfig(num_blocks=64),
+                              scheduler=SchedulerConfig(max_model_len=256), telemetry=TelemetryConfig(enabled=False)))
+    r = off.generate(["Hello world"], SamplingParams(max_tokens=4, temperature=0, head_telemetry=True))[0]
+    assert r.head_telemetry.rows == 0
