@@ -34,9 +34,13 @@ class BlockKey:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, BlockKey):
             return NotImplemented
-        if self is other:
-            return True
-        return self._hash == other._hash and self.tokens == other.tokens and self.parent == other.parent
+        a: BlockKey | None = self
+        b: BlockKey | None = other
+        while a is not b:  # a loop, not recursion: chains can be thousands of blocks long
+            if a is None or b is None or a._hash != b._hash or a.tokens != b.tokens:
+                return False
+            a, b = a.parent, b.parent
+        return True
 
 
 @dataclass
@@ -63,7 +67,7 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self._blocks = [_Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self._cached: dict[BlockKey, int] = {}
+        self._cached: dict[BlockKey, dict[int, None]] = {}  # key -> blocks holding it (oldest first)
         self.prefix_queries = 0  # tokens looked up
         self.prefix_hits = 0     # tokens found cached
 
@@ -96,9 +100,10 @@ class BlockManager:
         parent: BlockKey | None = None
         for b in range((len(token_ids) - 1) // bs):
             key = BlockKey(parent, tuple(token_ids[b * bs:(b + 1) * bs]))
-            block_id = self._cached.get(key)
-            if block_id is None:
+            holders = self._cached.get(key)
+            if not holders:
                 break
+            block_id = next(iter(holders))
             hits.append(block_id)
             parent = self._blocks[block_id].key
         return PrefixHit(tuple(hits), len(hits) * bs)
@@ -123,8 +128,11 @@ class BlockManager:
             block_id, _ = self._free.popitem(last=False)
             block = self._blocks[block_id]
             if block.key is not None:  # lazy eviction: the cached contents are overwritten now
-                if self._cached.get(block.key) == block_id:
-                    del self._cached[block.key]
+                holders = self._cached.get(block.key)
+                if holders is not None:
+                    holders.pop(block_id, None)
+                    if not holders:
+                        del self._cached[block.key]
                 block.key = None
             block.ref_count = 1
             block_table.append(block_id)
@@ -155,8 +163,14 @@ class BlockManager:
         for b in range(num_committed_blocks, num_full):
             block = self._blocks[block_table[b]]
             if block.key is None:
-                block.key = BlockKey(parent, tuple(token_ids[b * bs:(b + 1) * bs]))
-                self._cached.setdefault(block.key, block.block_id)
+                key = BlockKey(parent, tuple(token_ids[b * bs:(b + 1) * bs]))
+                holders = self._cached.get(key)
+                if holders:  # share the existing key object: later comparisons stop at identity
+                    key = self._blocks[next(iter(holders))].key
+                    holders[block.block_id] = None
+                else:
+                    self._cached[key] = {block.block_id: None}
+                block.key = key
             parent = block.key
         return num_full
 
