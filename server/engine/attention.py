@@ -67,7 +67,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens: torc
     """Attention of one query row per sequence over its first context_lens keys, with telemetry.
 
     q [B, H, D]; k, v [B, N, KVH, D]; context_lens [B] (>= 1). The query sits at position
-    context_lens - 1. Returns out [B, H, D] and stats [B, H, NUM_STATS] (or None).
+    context_lens - 1. Keys past a row's context are masked; their values must be finite (the
+    runner points them at the cache's zero slot). Returns out [B, H, D] and stats [B, H, NUM_STATS].
     """
     b, h, d = q.shape
     n, kvh = k.shape[1], k.shape[2]
@@ -82,8 +83,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens: torc
     centred = torch.where(valid, s - m, 0.0)                         # [B, KVH, G, N] (s - m), 0 where masked
     e = torch.where(valid, torch.exp(centred), 0.0)                  # [B, KVH, G, N]
     l = e.sum(dim=-1, keepdim=True)                                  # [B, KVH, G, 1]
-    # padded keys read whatever another sequence left in slot 0: zero them so not even a NaN leaks
-    v = torch.where(valid.reshape(b, n, 1, 1), v, 0.0)               # [B, N, KVH, D]
     out = torch.matmul(e, v.permute(0, 2, 1, 3)) / l                 # [B, KVH, G, D]
     out = out.reshape(b, h, d)                                       # [B, H, D]
     if not compute_stats:

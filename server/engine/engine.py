@@ -23,7 +23,7 @@ import torch
 from server.config import EngineConfig
 from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.errors import ContextLengthExceededError, EngineDeadError, InvalidRequestError
+from server.engine.errors import ContextLengthExceededError, EngineDeadError, InvalidRequestError, UnknownRequestError
 from server.engine.kv_cache import KVCache, num_blocks_for
 from server.engine.loader import LoadedModel, load_model
 from server.engine.model import LlamaModel
@@ -114,7 +114,8 @@ class Engine:
         self.runner = ModelRunner(self.model, self.cache, self.device, config.telemetry.sink_tokens)
         self.head_stats = HeadStatsAccumulator(mc.num_layers, mc.num_heads, config.telemetry.histogram_buckets)
         self.eos_token_ids = frozenset(mc.eos_token_ids)
-        self._live: dict[str, _Live] = {}
+        self._live: dict[str, _Live] = {}             # requests the engine still works on
+        self._streams: dict[str, RequestStream] = {}  # streams not yet read to their end
         self._inbox: list[tuple[str, object]] = []
         self._inbox_lock = threading.Lock()
         self._wake = threading.Event()
@@ -179,14 +180,16 @@ class Engine:
             max_tokens = params.max_tokens
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
         with self._inbox_lock:
-            if rid in self._live:
+            if rid in self._live or rid in self._streams:
                 raise InvalidRequestError(f"request id {rid!r} is already in use", param="request_id")
             req = Request(request_id=rid, prompt_token_ids=ids, params=params, arrival_time=time.monotonic(),
                           max_tokens=max_tokens, eos_token_ids=self.eos_token_ids,
                           seed=params.seed if params.seed is not None else self._rng.getrandbits(63))
             mc = self.model_config
             telemetry = RequestTelemetry(mc.num_layers, mc.num_heads, mc.num_kv_heads) if params.head_telemetry else None
-            self._live[rid] = _Live(req, RequestStream(), IncrementalDetokenizer(self.tokenizer, ids, params), telemetry)
+            stream = RequestStream(rid, ids)
+            self._live[rid] = _Live(req, stream, IncrementalDetokenizer(self.tokenizer, ids, params), telemetry)
+            self._streams[rid] = stream
             self._inbox.append(("add", req))
         self._wake.set()
         return rid
@@ -343,19 +346,25 @@ class Engine:
     # -- consuming streams ------------------------------------------------------------------
     def _stream_of(self, request_id: str) -> RequestStream:
         with self._inbox_lock:
-            live = self._live.get(request_id)
-        if live is None:
-            raise KeyError(f"unknown request {request_id!r}")
-        return live.stream
+            stream = self._streams.get(request_id)
+        if stream is None:
+            raise UnknownRequestError(f"unknown request {request_id!r} (never added, or its stream was already read)")
+        return stream
+
+    def _done_reading(self, request_id: str) -> None:
+        with self._inbox_lock:
+            self._streams.pop(request_id, None)
 
     def stream(self, request_id: str) -> Iterator[TokenEvent]:
-        """Yield the request's events until its final one. Without a background loop
-        (start() not called) this drives the engine's steps itself."""
+        """Yield the request's events until its final one. Every added request's stream should
+        be read to its end (that releases it). Without a background loop (start() not called)
+        this drives the engine's steps itself."""
         st = self._stream_of(request_id)
         while True:
             for ev in st.drain():
                 yield ev
                 if ev.finished:
+                    self._done_reading(request_id)
                     return
             if self._thread is None:
                 self.step()
@@ -373,6 +382,7 @@ class Engine:
             for ev in st.drain():
                 yield ev
                 if ev.finished:
+                    self._done_reading(request_id)
                     return
             if self._dead is not None:
                 raise EngineDeadError(f"engine loop stopped: {self._dead}")
@@ -388,7 +398,7 @@ class Engine:
     def collect(self, request_id: str) -> Completion:
         """Consume a request's stream and assemble the Completion."""
         texts, tokens, lps = [], [], []
-        req_prompt = self._live[request_id].request.prompt_token_ids
+        req_prompt = self._stream_of(request_id).prompt_token_ids
         final = None
         for ev in self.stream(request_id):
             texts.append(ev.text)

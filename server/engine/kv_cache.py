@@ -1,7 +1,8 @@
 """Paged K/V storage: per layer, K and V pages of shape [num_blocks, block_size, num_kv_heads, head_dim].
 
 A token at position p of a sequence lives in slot block_table[p // block_size] * block_size
-+ p % block_size. Writes go through a slot mapping (one slot per new token); reads gather a
++ p % block_size. One extra block past the allocator's blocks stays all zeros and is never
+written: padded reads point at it (pad_slot), so a padded key or value is always a finite 0. Writes go through a slot mapping (one slot per new token); reads gather a
 sequence's slots. Sizing turns a memory budget into a number of blocks.
 """
 
@@ -32,19 +33,26 @@ def num_blocks_for(model: ModelConfig, cache: CacheConfig, max_model_len: int, d
 class KVCache:
     """K and V pages of every layer. Allocated once; the block manager decides who owns what."""
 
-    k: list[torch.Tensor]  # L x [num_blocks, block_size, KVH, D]
-    v: list[torch.Tensor]  # L x [num_blocks, block_size, KVH, D]
+    k: list[torch.Tensor]  # L x [num_blocks + 1, block_size, KVH, D]
+    v: list[torch.Tensor]  # L x [num_blocks + 1, block_size, KVH, D]
 
     @classmethod
     def allocate(cls, model: ModelConfig, num_blocks: int, block_size: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> KVCache:
-        shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        """num_blocks usable blocks, plus the zero padding block."""
+        shape = (num_blocks + 1, block_size, model.num_kv_heads, model.head_dim)
         return cls(k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(model.num_layers)],
                    v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(model.num_layers)])
 
     @property
     def num_blocks(self) -> int:
-        return self.k[0].shape[0]
+        """Blocks the allocator may hand out (the padding block excluded)."""
+        return self.k[0].shape[0] - 1
+
+    @property
+    def pad_slot(self) -> int:
+        """A slot that always reads as zeros."""
+        return self.num_blocks * self.block_size
 
     @property
     def block_size(self) -> int:
@@ -63,7 +71,3 @@ class KVCache:
         v = self.v[layer].view(-1, kvh, d)[slots]  # [..., KVH, D]
         return k, v
 
-
-def slots_for(block_ids: list[int], start: int, end: int, block_size: int) -> list[int]:
-    """Cache slots of positions start..end-1 of a sequence with the given block table."""
-    return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]

@@ -42,14 +42,18 @@ class ModelRunner:
         self.block_size = cache.block_size
         self.sink_tokens = sink_tokens
 
-    def _slots(self, block_tables: list[list[int]], num_keys: int) -> torch.Tensor:
-        """Cache slots of the first num_keys positions of each block table -> [B, num_keys]."""
+    def _slots(self, block_tables: list[list[int]], lengths: list[int]) -> torch.Tensor:
+        """Cache slots of the first lengths[b] positions of each block table, padded with the
+        zero slot to the longest -> [B, max(lengths)]."""
         bs = self.block_size
         width = max(len(t) for t in block_tables)
         table = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)  # [B, W]
         offsets = torch.arange(bs, dtype=torch.long)                                      # [bs]
         slots = (table[:, :, None] * bs + offsets).reshape(len(block_tables), -1)         # [B, W bs]
-        return slots[:, :num_keys]                                                        # [B, num_keys]
+        n = max(lengths)
+        slots = slots[:, :n]                                                              # [B, N]
+        inside = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]                # [B, N]
+        return torch.where(inside, slots, self.cache.pad_slot)                            # [B, N]
 
     def execute(self, batch: Batch, compute_stats: bool) -> StepOutput:
         bs = self.block_size
@@ -76,7 +80,7 @@ class ModelRunner:
                 decode_lens.append(start + 1)
                 decode_sched.append(idx)
             else:
-                slots = self._slots([req.block_ids], start + n)[0]          # [C]
+                slots = self._slots([req.block_ids], [start + n])[0]        # [C]
                 prefills.append(PrefillSpan(row, n, slots.to(self.device), want_stats=s.samples))
                 if s.samples:
                     prefill_sampling.append(idx)
@@ -85,11 +89,10 @@ class ModelRunner:
                 sample_sched.append(idx)
 
         dev = self.device
-        n_keys = max(decode_lens, default=0)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev),            # [T]
             decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=dev),              # [Bd]
-            decode_slots=(self._slots(decode_tables, n_keys).to(dev) if decode_tables
+            decode_slots=(self._slots(decode_tables, decode_lens).to(dev) if decode_tables
                           else torch.zeros(0, 0, dtype=torch.long, device=dev)),              # [Bd, N]
             decode_context_lens=torch.tensor(decode_lens, dtype=torch.long, device=dev),      # [Bd]
             prefills=tuple(prefills), compute_stats=compute_stats, sink_tokens=self.sink_tokens)

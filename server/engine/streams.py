@@ -16,7 +16,9 @@ class RequestStream:
     await async_wait(). Events are never lost: put() before a consumer attaches is buffered.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, request_id: str, prompt_token_ids: list[int]) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
         self._events: deque[TokenEvent] = deque()
         self._cond = threading.Condition()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []

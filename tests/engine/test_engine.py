@@ -249,3 +249,17 @@ def test_request_telemetry_rows_and_sample_rate(tiny_llama_dir):
                               scheduler=SchedulerConfig(max_model_len=256), telemetry=TelemetryConfig(enabled=False)))
     r = off.generate(["Hello world"], SamplingParams(max_tokens=4, temperature=0, head_telemetry=True))[0]
     assert r.head_telemetry.rows == 0
+
+
+def test_stale_cache_contents_never_leak(tiny_llama_dir):
+    """Whatever freed blocks hold (here NaN everywhere), a new request reads only its own K/V."""
+    engine = tiny_engine(tiny_llama_dir)
+    prompts = ["The capital of France is", "Hello", "A quick brown fox jumps"]
+    p = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    expected = [c.token_ids for c in engine.generate(prompts, p)]
+    for layer in range(engine.model_config.num_layers):
+        engine.cache.k[layer][:-1] = float("nan")  # every allocatable block; the zero pad block stays
+        engine.cache.v[layer][:-1] = float("nan")
+    engine.block_manager = type(engine.block_manager)(engine.block_manager.num_blocks, 16, False)
+    engine.scheduler.blocks = engine.block_manager
+    assert [c.token_ids for c in engine.generate(prompts, p)] == expected
