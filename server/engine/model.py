@@ -110,7 +110,8 @@ class LlamaModel:
     def from_weights(cls, cfg: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int | None = None,
                      device: torch.device | str = "cpu") -> LlamaModel:
         def w(name: str) -> torch.Tensor:
-            return weights[name].to(device=device, dtype=torch.float32)
+            # a private, aligned copy: the loader may hand out memory-mapped file pages
+            return weights[name].to(device=device, dtype=torch.float32, copy=True)
 
         layers = []
         for i in range(cfg.num_layers):
