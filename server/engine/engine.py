@@ -213,7 +213,7 @@ class Engine:
             events = self._apply_inbox()
             batch = self.scheduler.schedule()
             if batch.empty:
-                return events
+                return self._publish(events)
             now = time.monotonic()
             for s in batch.scheduled:
                 if s.request.first_scheduled_time is None:
@@ -255,7 +255,7 @@ class Engine:
                 live = self._live.get(item)
                 if live is not None and not live.request.is_finished:
                     events.append(self._finish(live.request, FinishReason.ABORT))
-        return self._publish(events)
+        return events
 
     def _update(self, batch: Batch, out: StepOutput) -> list[TokenEvent]:
         bm = self.block_manager

@@ -263,3 +263,12 @@ def test_stale_cache_contents_never_leak(tiny_llama_dir):
     engine.block_manager = type(engine.block_manager)(engine.block_manager.num_blocks, 16, False)
     engine.scheduler.blocks = engine.block_manager
     assert [c.token_ids for c in engine.generate(prompts, p)] == expected
+
+
+def test_one_request_can_fill_the_whole_context_window(tiny_llama_dir):
+    engine = Engine(EngineConfig(model=tiny_llama_dir, cache=CacheConfig(num_blocks=128)))  # 2048 tokens
+    assert engine.max_model_len == 2048
+    prompt = [(7 * i) % 300 + 3 for i in range(2040)]
+    done = engine.generate([prompt], SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))[0]
+    assert done.finish_reason is FinishReason.LENGTH and len(prompt) + len(done.token_ids) == 2048
+    assert_blocks_all_free(engine)
