@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -57,12 +58,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     def progress(msg: str) -> None:
         print(f"[headwise] {msg}", file=sys.stderr, flush=True)
 
-    t0 = time.monotonic()
-    engine = Engine(engine_config(args), progress=progress)
-    progress(f"model ready in {time.monotonic() - t0:.1f} s")
+    config = engine_config(args)  # flags are checked before the model loads
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()),
                             head_telemetry=not args.no_telemetry)
+    t0 = time.monotonic()
+    engine = Engine(config, progress=progress)
+    progress(f"model ready in {time.monotonic() - t0:.1f} s")
     if args.chat:
         prompt = engine.chat_prompt([{"role": "user", "content": args.prompt}])
     else:
@@ -85,6 +87,70 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def server_config(args: argparse.Namespace):
+    from server.api.config import ServerConfig
+
+    return ServerConfig(
+        host=args.host, port=args.port, api_key=args.api_key or os.environ.get("HEADWISE_API_KEY") or None,
+        metrics_require_key=args.metrics_require_key, max_queue=args.max_queue, drain_timeout=args.drain_timeout,
+        max_body_bytes=args.max_body_bytes, cors_origins=tuple(args.cors_origin or ()),
+        served_model_names=tuple(args.served_model_name or ()), warmup=not args.no_warmup)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    import uvicorn
+
+    from server.api.app import create_app
+    from server.engine.engine import Engine
+
+    def progress(msg: str) -> None:
+        print(f"[headwise] {msg}", file=sys.stderr, flush=True)
+
+    cfg = server_config(args)
+    t0 = time.monotonic()
+    engine = Engine(engine_config(args), progress=progress)
+    progress(f"model {engine.model_config.name} ready in {time.monotonic() - t0:.1f} s; "
+             f"serving on http://{cfg.host}:{cfg.port}")
+    app = create_app(engine, None, cfg)
+
+    class DrainingServer(uvicorn.Server):
+        """SIGTERM drains (readiness 503, in-flight requests finish, bounded by --drain-timeout)
+        and then exits 0; a second SIGTERM, or SIGINT, stops at once as uvicorn does."""
+
+        draining = False
+        loop = None
+
+        async def serve(self, sockets=None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig, frame) -> None:
+            if sig == signal.SIGTERM and not self.draining and not self.should_exit and self.loop is not None:
+                self.draining = True
+                self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._drain()))
+                return
+            if sig == signal.SIGTERM:
+                self.should_exit = True
+                return
+            super().handle_exit(sig, frame)
+
+        async def _drain(self) -> None:
+            try:
+                await app.state.serving.drain(cfg.drain_timeout)
+            finally:
+                self.should_exit = True
+
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info" if args.verbose else "warning",
+                            access_log=args.verbose, timeout_graceful_shutdown=5, timeout_keep_alive=5,
+                            lifespan="on")
+    server = DrainingServer(config)
+    server.run()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="headwise", description="An LLM inference server whose attention is observable.")
     parser.add_argument("--version", action="version", version=f"headwise {__version__}")
@@ -100,6 +166,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     _add_engine_flags(gen)
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    srv.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on every route but /health and /ready "
+                          "(default: $HEADWISE_API_KEY, else no key)")
+    srv.add_argument("--metrics-require-key", action="store_true", help="/metrics needs the API key too")
+    srv.add_argument("--max-queue", type=int, default=256,
+                     help="requests admitted beyond the running batch before answering 503 (default 256)")
+    srv.add_argument("--drain-timeout", type=float, default=30.0,
+                     help="seconds SIGTERM waits for in-flight requests before aborting them (default 30)")
+    srv.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body (default 4 MiB)")
+    srv.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                     help="allow cross-origin requests from ORIGIN (repeatable; default: CORS off)")
+    srv.add_argument("--served-model-name", action="append", metavar="NAME",
+                     help="a name the 'model' field may use (repeatable; the first is the id /v1/models lists)")
+    srv.add_argument("--no-warmup", action="store_true", help="skip the warm-up request before /ready turns 200")
+    _add_engine_flags(srv)
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

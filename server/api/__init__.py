@@ -1,0 +1,60 @@
+"""The OpenAI-compatible HTTP API (FastAPI over the engine). `headwise serve` runs it.
+
+Routes
+    POST /v1/completions, POST /v1/chat/completions   stream (SSE) or not
+    GET  /v1/models                                    the served model (id, max_model_len)
+    POST /tokenize   {"prompt"} or {"messages"} -> {"count", "max_model_len", "tokens"[, "token_strs"]}
+    POST /detokenize {"tokens"} -> {"prompt"}
+    GET  /health     liveness: 200 while the engine loop is alive
+    GET  /ready      readiness: 503 until the model is loaded and warmed up, and while draining
+    GET  /metrics    minimal Prometheus text (running, waiting, KV blocks, admission) until the
+                     metrics module lands
+    GET  /openapi.json, /docs
+
+Request fields: OpenAI's (model, prompt / messages, max_tokens, max_completion_tokens (chat),
+temperature, top_p, n, stop, seed, presence_penalty, frequency_penalty, logprobs, top_logprobs
+(chat), echo (completions), stream, stream_options.include_usage, user) and the common
+extensions (top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids,
+include_stop_str_in_output, skip_special_tokens, return_token_ids, chat_template_kwargs,
+add_generation_prompt), plus "head_telemetry": true (DESIGN.md "Contracts"). "model" may be
+omitted; otherwise it must name the served model (its id, its name without a quantization
+suffix, its path, or a --served-model-name), case-insensitively, else 404. With n > 1 and a
+seed, choice i uses seed + i (choice 0 equals the n = 1 answer).
+
+Extra response fields
+    "timings" (final response object, or the last chunk before [DONE]), in seconds:
+        queue_time, time_to_first_token, prefill_time, decode_time, e2e_latency (all measured
+        from the engine's arrival of the request), decode_tokens_per_s ((tokens - 1) / decode).
+        With several choices: the earliest queue exit and first token, the last finish, and the
+        aggregate decode rate.
+    "head_telemetry" (same place) when asked; "stop_reason" per choice (the stop string or
+    token id that ended it); "token_ids" per choice with return_token_ids.
+
+Response headers of non-streaming completions (seconds, six decimals):
+    x-headwise-queue-time, x-headwise-ttft, x-headwise-prefill-time, x-headwise-decode-time,
+    x-headwise-e2e-time, x-headwise-decode-tokens-per-s (tokens/s), and a standard
+    Server-Timing header (queue, ttft, prefill, decode, e2e; milliseconds) that browser
+    developer tools display. With --cors-origin they are exposed to scripts.
+
+Errors: always {"error": {"message", "type", "param", "code"}}. 400 invalid_request_error for
+any invalid input (codes: invalid_json, invalid_encoding, invalid_value, missing_field,
+unsupported_parameter, unsupported_media_type, context_length_exceeded), 401 invalid_api_key,
+404 model_not_found / not_found, 405 method_not_allowed, 413 request_too_large, 503
+service_unavailable_error with Retry-After (server_is_overloaded, server_shutting_down,
+not_ready). An error after a stream started is an SSE event `data: {"error": {...}}` followed
+by `data: [DONE]`. Messages are short and never carry paths or tracebacks.
+
+Streaming: `data: {chunk}` per token, or per few tokens when the client or the loop fell behind
+(events already queued are coalesced into one chunk per choice); chat streams start with a
+{"role": "assistant"} delta; the finishing chunk of each choice has finish_reason; with
+stream_options.include_usage a last chunk with empty choices carries usage; then [DONE].
+
+Reliability: a client that disconnects (stream or not) aborts its engine requests, which frees
+their KV blocks; at most max_num_seqs + --max-queue engine requests are admitted (a request
+with n choices over p prompts counts n * p), past that 503 at once without touching the engine;
+tokenization and chat templating run in a thread pool; SIGTERM turns /ready to 503, refuses new
+requests, lets in-flight ones finish for up to --drain-timeout seconds, aborts the rest, exits 0.
+--api-key guards every route except /health and /ready (and /metrics unless
+--metrics-require-key), compared in constant time on SHA-256 digests; CORS is off unless
+--cors-origin is given; bodies over --max-body-bytes get 413 while being read.
+"""

@@ -1,0 +1,295 @@
+"""Pydantic models of the OpenAI wire format (requests validated strictly, responses documented).
+
+Requests are parsed with `model_validate_json` in strict mode: a JSON string is never a number,
+`true` is never an integer, NaN / Infinity literals and out-of-range floats are refused, lone
+surrogate escapes and invalid UTF-8 are invalid JSON. Unknown fields are ignored (as OpenAI and
+vLLM do), nulls mean "the default". Range checks that depend on the server's configuration
+(n, prompts per request) or on the model (context window, vocabulary) happen in serving.py;
+the sampler's own checks (SamplingParams) run there too.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from server.engine.request import MAX_LOGPROBS
+
+MAX_NAME_CHARS = 256
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore", frozen=True)
+
+
+def _custom(message: str) -> PydanticCustomError:
+    return PydanticCustomError("invalid_value", message)
+
+
+def _check_finite_json(value: Any, depth: int = 0) -> Any:
+    """Reject non-finite floats anywhere in a free-form JSON value (chat_template_kwargs)."""
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        raise _custom("must not contain NaN or Infinity")
+    if isinstance(value, dict):
+        for v in value.values():
+            _check_finite_json(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            _check_finite_json(v, depth + 1)
+    return value
+
+
+# ------------------------------------------------------------------------------- requests
+class StreamOptions(_Strict):
+    include_usage: bool | None = False
+
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class _SamplingFields(_Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI names + extensions)."""
+
+    model: Annotated[str, Field(max_length=MAX_NAME_CHARS)] | None = None
+    n: Annotated[int, Field(ge=1, le=128)] | None = 1
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: Annotated[str, Field(max_length=1024)] | Annotated[list[Annotated[str, Field(max_length=1024)]], Field(max_length=64)] | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    logit_bias: dict[str, float] | None = None
+    user: Annotated[str, Field(max_length=MAX_NAME_CHARS)] | None = None
+    # extensions (vLLM names)
+    top_k: Annotated[int, Field(ge=-1, le=2**31 - 1)] | None = None
+    min_p: Probability | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=100.0)] | None = None
+    min_tokens: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    ignore_eos: bool | None = False
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(max_length=64)] | None = None
+    include_stop_str_in_output: bool | None = False
+    skip_special_tokens: bool | None = True
+    return_token_ids: bool | None = False  # each choice also carries its token ids (vLLM's extension)
+    # headwise: per-request per-head attention statistics (DESIGN.md "Contracts")
+    head_telemetry: bool | None = False
+
+
+TokenIds = list[Annotated[int, Field(ge=0, le=2**31 - 1)]]
+
+
+class CompletionRequest(_SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | TokenIds | list[TokenIds]
+    max_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = 16
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: bool | None = False
+    suffix: str | None = None
+    best_of: Annotated[int, Field(ge=1, le=128)] | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, v: Any) -> Any:
+        ok = isinstance(v, str) or (isinstance(v, list) and (
+            all(isinstance(x, str) for x in v)
+            or all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+            or all(isinstance(x, list) for x in v)))
+        if not ok:
+            raise _custom("must be a string, an array of strings, an array of token ids "
+                          "or an array of token-id arrays")
+        return v
+
+
+class TextContentPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[TextContentPart] | None = None
+    name: Annotated[str, Field(max_length=MAX_NAME_CHARS)] | None = None
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _content_parts(cls, v: Any) -> Any:
+        if isinstance(v, dict) and isinstance(v.get("content"), list):
+            for part in v["content"]:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise _custom(f"content part type {kind[:32]!r} is not supported; only text parts are")
+        return v
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
+    logprobs: bool | None = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    add_generation_prompt: bool | None = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _finite_kwargs(cls, v: Any) -> Any:
+        return _check_finite_json(v)
+
+
+class TokenizeRequest(_Strict):
+    """POST /tokenize: a prompt, or chat messages rendered through the chat template."""
+
+    model: Annotated[str, Field(max_length=MAX_NAME_CHARS)] | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: bool | None = True
+    add_generation_prompt: bool | None = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool | None = False
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _finite_kwargs(cls, v: Any) -> Any:
+        return _check_finite_json(v)
+
+
+class DetokenizeRequest(_Strict):
+    """POST /detokenize."""
+
+    model: Annotated[str, Field(max_length=MAX_NAME_CHARS)] | None = None
+    tokens: TokenIds
+
+
+# ------------------------------------------------------------------------------ responses
+class _Doc(BaseModel):
+    """Response models document the wire format (OpenAPI); extra fields are allowed."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorInfo(_Doc):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Doc):
+    error: ErrorInfo
+
+
+class Usage(_Doc):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Timings(_Doc):
+    """Seconds (time.monotonic based) and the decode rate of a request; see docs/api.md."""
+
+    queue_time: float
+    time_to_first_token: float | None = None
+    prefill_time: float | None = None
+    decode_time: float | None = None
+    e2e_latency: float
+    decode_tokens_per_s: float | None = None
+
+
+class HeadTelemetry(_Doc):
+    layers: int
+    heads: int
+    kv_heads: int
+    rows: int
+    entropy: list[list[float]]
+    normalized_entropy: list[list[float]]
+    max_weight: list[list[float]]
+    sink_mass: list[list[float]]
+    lookback_distance: list[list[float]]
+
+
+class CompletionChoice(_Doc):
+    index: int
+    text: str
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(_Doc):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    timings: Timings | None = None
+    head_telemetry: HeadTelemetry | None = None
+
+
+class ChatCompletionMessage(_Doc):
+    role: Literal["assistant"]
+    content: str | None = None
+
+
+class ChatCompletionChoice(_Doc):
+    index: int
+    message: ChatCompletionMessage
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(_Doc):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+    timings: Timings | None = None
+    head_telemetry: HeadTelemetry | None = None
+
+
+class ModelCard(_Doc):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(_Doc):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class TokenizeResponse(_Doc):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(_Doc):
+    prompt: str
+
+
+class HealthResponse(_Doc):
+    status: str
+
+
+REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
