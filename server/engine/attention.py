@@ -10,7 +10,9 @@ pass that produces the attention output, the centred accumulators of a flash-sty
 a single tile: m = max s, e_j = exp(s_j - m) (masked keys zeroed with a where), l = sum e,
 t = sum e (s - m) <= 0. Then entropy H = ln l - t/l (both terms >= 0, no cancellation),
 max weight 1/l, sink mass sum_{j<4} e_j / l, look-back distance (i - sum e_j j / l) / i.
-The probabilities e/l that weight V are the only ones ever formed.
+The probabilities e/l that weight V are the only ones ever formed. Each layer only carries the
+four accumulators (l, t, sink sum, position-weighted sum); finalize_stats turns every layer's
+rows into statistics in one call per step, which keeps the per-layer cost to a few ops.
 
 References: FlashAttention-2 (online softmax), DESIGN.md's fused-entropy recurrence,
 StreamingLLM (attention sinks), ViT mean attention distance.
@@ -29,6 +31,8 @@ from server.engine.kv_cache import KVCache
 # Column order of a stats tensor [..., NUM_STATS].
 STAT_NAMES = ("entropy", "normalized_entropy", "max_weight", "sink_mass", "lookback_distance")
 NUM_STATS = len(STAT_NAMES)
+# What attention carries per (row, head) besides its output: l, t, sink sum, position-weighted sum.
+NUM_ACCUMULATORS = 4
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens: torc
 
     q [B, H, D]; k, v [B, N, KVH, D]; context_lens [B] (>= 1). The query sits at position
     context_lens - 1. Keys past a row's context are masked; their values must be finite (the
-    runner points them at the cache's zero slot). Returns out [B, H, D] and stats [B, H, NUM_STATS].
+    runner points them at the cache's zero slot). Returns out [B, H, D] and the telemetry
+    accumulators [B, H, NUM_ACCUMULATORS] (or None); finalize_stats turns them into statistics.
     """
     b, h, d = q.shape
     n, kvh = k.shape[1], k.shape[2]
@@ -88,17 +93,26 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens: torc
     if not compute_stats:
         return out, None
     t = (e * centred).sum(dim=-1, keepdim=True)                      # [B, KVH, G, 1] <= 0
-    entropy = torch.log(l) - t / l                                   # [B, KVH, G, 1]
-    keys = context_lens.to(q.dtype)[:, None, None, None]             # [B, 1, 1, 1] n
-    log_n = torch.log(keys)                                          # [B, 1, 1, 1]
-    norm_entropy = torch.where(keys > 1, entropy / log_n.clamp_min(1e-30), 0.0)  # [B, KVH, G, 1]
-    max_weight = 1.0 / l                                             # [B, KVH, G, 1]
-    sink = e[..., :sink_tokens].sum(dim=-1, keepdim=True) / l        # [B, KVH, G, 1]
-    mean_pos = (e * pos.to(q.dtype)).sum(dim=-1, keepdim=True) / l   # [B, KVH, G, 1]
-    i = keys - 1                                                     # [B, 1, 1, 1] query position
-    lookback = torch.where(i > 0, (i - mean_pos) / i.clamp_min(1.0), 0.0)  # [B, KVH, G, 1]
-    stats = torch.cat([entropy, norm_entropy, max_weight, sink, lookback], dim=-1)  # [B, KVH, G, 5]
-    return out, stats.reshape(b, h, NUM_STATS)                       # [B, H, 5]
+    marks = torch.stack([pos < sink_tokens, pos], dim=-1).to(q.dtype)  # [N, 2] sink indicator, position
+    sink_pos = torch.matmul(e, marks)                                # [B, KVH, G, 2] sum e (j < 4), sum e j
+    acc = torch.cat([l, t, sink_pos], dim=-1)                        # [B, KVH, G, 4]
+    return out, acc.reshape(b, h, NUM_ACCUMULATORS)                  # [B, H, 4]
+
+
+def finalize_stats(acc: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+    """Accumulators -> statistics, for any number of rows at once (one call per step).
+
+    acc [..., H, 4] holds (l, t, sum_{j<4} e_j, sum e_j j) in the frame of the row maximum;
+    context_lens [...] is each row's key count n (query position n - 1), broadcastable to
+    acc's leading dims. Returns [..., H, NUM_STATS] in STAT_NAMES order.
+    """
+    l, t, sink, pos_sum = acc.unbind(dim=-1)                         # [..., H] each
+    n = context_lens.to(acc.dtype)[..., None]                        # [..., 1]
+    entropy = torch.log(l) - t / l                                   # [..., H] both terms >= 0
+    norm_entropy = torch.where(n > 1, entropy / torch.log(n).clamp_min(1e-30), 0.0)  # [..., H]
+    i = n - 1                                                        # [..., 1] query position
+    lookback = torch.where(i > 0, (i - pos_sum / l) / i.clamp_min(1.0), 0.0)  # [..., H]
+    return torch.stack([entropy, norm_entropy, 1.0 / l, sink / l, lookback], dim=-1)  # [..., H, 5]
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -125,7 +139,7 @@ def paged_attention(layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: tor
     """Write the step's new K/V into the cache, then attend every query row.
 
     q [T, H, D]; k_new, v_new [T, KVH, D]. Returns out [T, H, D] and, when meta.compute_stats,
-    stats [R, H, NUM_STATS] in the metadata's telemetry-row order.
+    accumulators [R, H, NUM_ACCUMULATORS] in the metadata's telemetry-row order.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
     cache.write(layer, meta.slot_mapping, k_new, v_new)
@@ -134,7 +148,7 @@ def paged_attention(layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: tor
     if meta.num_decode:
         k, v = cache.gather(layer, meta.decode_slots)                # [Bd, N, KVH, D]
         o, st = attend(q[meta.decode_rows], k, v, meta.decode_context_lens, scale,
-                       meta.compute_stats, meta.sink_tokens)         # [Bd, H, D], [Bd, H, 5]
+                       meta.compute_stats, meta.sink_tokens)         # [Bd, H, D], [Bd, H, 4]
         out[meta.decode_rows] = o
         if st is not None:
             parts.append(st)
@@ -144,7 +158,7 @@ def paged_attention(layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: tor
         out[span.start:span.start + span.length] = prefill_attention(qs, k, v, scale)
         if meta.compute_stats and span.want_stats:
             ctx = torch.tensor([k.shape[0]], device=q.device)        # [1]
-            _, st = attend(qs[-1:], k[None], v[None], ctx, scale, True, meta.sink_tokens)  # [1, H, 5]
+            _, st = attend(qs[-1:], k[None], v[None], ctx, scale, True, meta.sink_tokens)  # [1, H, 4]
             parts.append(st)
-    stats = torch.cat(parts) if parts else None                      # [R, H, 5]
-    return out, stats
+    acc = torch.cat(parts) if parts else None                        # [R, H, 4]
+    return out, acc

@@ -89,7 +89,7 @@ class DecoderLayer:
 @dataclass(frozen=True)
 class ForwardOutput:
     logits: torch.Tensor              # [S, V] for the sampled rows
-    stats: torch.Tensor | None        # [L, R, H, NUM_STATS] telemetry rows, or None
+    telemetry: torch.Tensor | None    # [L, R, H, NUM_ACCUMULATORS] telemetry rows, or None
 
 
 class LlamaModel:
@@ -139,20 +139,20 @@ class LlamaModel:
         h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         cos, sin = self.cos[positions], self.sin[positions]          # [T, D]
         x = self.embed[input_ids]                                    # [T, C]
-        stats = []
+        telemetry = []
         for i, layer in enumerate(self.layers):
             a = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)      # [T, C]
             qkv = layer.qkv(a)                                       # [T, (H + 2 KVH) D]
             q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)   # [T, H D], [T, KVH D] x2
             q = apply_rope(q.view(-1, h, d), cos, sin)               # [T, H, D]
             k = apply_rope(k.view(-1, kvh, d), cos, sin)             # [T, KVH, D]
-            attn, st = paged_attention(i, q, k, v.reshape(-1, kvh, d), cache, meta)  # [T, H, D], [R, H, 5]
+            attn, st = paged_attention(i, q, k, v.reshape(-1, kvh, d), cache, meta)  # [T, H, D], [R, H, 4]
             if st is not None:
-                stats.append(st)
+                telemetry.append(st)
             x = x + layer.o_proj(attn.reshape(-1, h * d))            # [T, C]
             a = rms_norm(x, layer.post_attention_norm, cfg.rms_norm_eps)  # [T, C]
             gate, up = layer.gate_up(a).chunk(2, dim=-1)             # [T, I] x2
             x = x + layer.down(F.silu(gate) * up)                    # [T, C]
         last = rms_norm(x[sample_rows], self.norm, cfg.rms_norm_eps)  # [S, C]
         logits = self.lm_head(last)                                  # [S, V]
-        return ForwardOutput(logits=logits, stats=torch.stack(stats) if stats else None)  # [L, R, H, 5]
+        return ForwardOutput(logits=logits, telemetry=torch.stack(telemetry) if telemetry else None)  # [L, R, H, 4]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.attention import AttentionMetadata, PrefillSpan
+from server.engine.attention import AttentionMetadata, PrefillSpan, finalize_stats
 from server.engine.kv_cache import KVCache
 from server.engine.model import LlamaModel
 from server.engine.request import TokenLogprob
@@ -103,9 +103,13 @@ class ModelRunner:
 
         # telemetry rows: all decode rows, then prefill last rows with want_stats
         telemetry_row: dict[int, int] = {}
-        if out.stats is not None:
+        stats = None
+        if out.telemetry is not None:
             order = decode_sched + prefill_sampling
             telemetry_row = {sched_idx: r for r, sched_idx in enumerate(order)}
+            keys = decode_lens + [batch.scheduled[i].start + batch.scheduled[i].num_new_tokens for i in prefill_sampling]
+            lens = torch.tensor(keys, device=dev)[None, :]                               # [1, R]
+            stats = finalize_stats(out.telemetry, lens).to("cpu", torch.float64)         # [L, R, H, 5]
         rows = []
         for idx in sample_sched:
             req = batch.scheduled[idx].request
@@ -122,5 +126,4 @@ class ModelRunner:
             SampledToken(batch.scheduled[idx].request.request_id, result.token_ids[k], result.logprobs[k],
                          telemetry_row.get(idx))
             for k, idx in enumerate(sample_sched))
-        stats = out.stats.to("cpu", torch.float64) if out.stats is not None else None  # [L, R, H, 5]
         return StepOutput(sampled=sampled, stats=stats, num_tokens=len(input_ids))

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from server.engine.attention import AttentionMetadata, PrefillSpan, attend, paged_attention, prefill_attention
+from server.engine.attention import (AttentionMetadata, PrefillSpan, attend, finalize_stats, paged_attention,
+                                     prefill_attention)
 from server.engine.kv_cache import KVCache
 
 
@@ -42,7 +43,8 @@ def test_attend_matches_float64_reference(n, qscale, heads, kv_heads):
     q = torch.randn(1, heads, d, generator=g) * qscale
     k = torch.randn(1, n, kv_heads, d, generator=g)
     v = torch.randn(1, n, kv_heads, d, generator=g)
-    out, stats = attend(q, k, v, torch.tensor([n]), 1.0 / math.sqrt(d), compute_stats=True)
+    out, acc = attend(q, k, v, torch.tensor([n]), 1.0 / math.sqrt(d), compute_stats=True)
+    stats = finalize_stats(acc, torch.tensor([n]))
     ref_out, ref_stats = reference_row(q[0], k[0], v[0])
     assert torch.allclose(out[0].double(), ref_out, atol=1e-5, rtol=1e-4)
     assert (stats[0].double() - ref_stats).abs().max().item() < 1e-5
@@ -59,7 +61,8 @@ def test_attend_padded_batch_each_row_matches_alone():
     v = torch.randn(len(lens), nmax, kvh, d, generator=g)
     k[0, 1:] = 1e4  # padding past the context must not leak in, however large its keys
     v[0, 1:] = 1e4
-    out, stats = attend(q, k, v, torch.tensor(lens), 1.0 / math.sqrt(d), compute_stats=True)
+    out, acc = attend(q, k, v, torch.tensor(lens), 1.0 / math.sqrt(d), compute_stats=True)
+    stats = finalize_stats(acc, torch.tensor(lens))
     for b, n in enumerate(lens):
         ref_out, ref_stats = reference_row(q[b], k[b, :n], v[b, :n])
         assert torch.allclose(out[b].double(), ref_out, atol=1e-5, rtol=1e-4)
@@ -72,7 +75,7 @@ def test_attend_without_stats_gives_same_output():
     lens = torch.tensor([9, 4])
     a, sa = attend(q, k, v, lens, 0.25, compute_stats=True)
     b, sb = attend(q, k, v, lens, 0.25, compute_stats=False)
-    assert sb is None and sa.shape == (2, 4, 5)
+    assert sb is None and sa.shape == (2, 4, 4)
     assert torch.equal(a, b)
 
 
@@ -83,7 +86,8 @@ def test_sharp_attention_is_accurate():
     q = torch.randn(1, 2, d, generator=g) * 50
     k = torch.randn(1, n, 1, d, generator=g)
     v = torch.randn(1, n, 1, d, generator=g)
-    _, stats = attend(q, k, v, torch.tensor([n]), 1.0 / math.sqrt(d), compute_stats=True)
+    _, acc = attend(q, k, v, torch.tensor([n]), 1.0 / math.sqrt(d), compute_stats=True)
+    stats = finalize_stats(acc, torch.tensor([n]))
     _, ref = reference_row(q[0], k[0], v[0])
     assert (stats[0].double() - ref).abs().max().item() < 1e-5
 
@@ -133,8 +137,9 @@ def test_paged_attention_reads_and_writes_through_block_tables():
         decode_context_lens=torch.tensor([lens[0]]),
         prefills=(PrefillSpan(1, new[1], torch.tensor([slot(tables[1], p) for p in range(lens[1])]), True),),
         compute_stats=True)
-    out, stats = paged_attention(0, q, k_new, v_new, cache, meta)
-    assert stats.shape == (2, h, 5)
+    out, acc = paged_attention(0, q, k_new, v_new, cache, meta)
+    assert acc.shape == (2, h, 4)
+    stats = finalize_stats(acc, torch.tensor([lens[0], lens[1]]))
     ref0, st0 = reference_row(q[0], k_all[0], v_all[0])
     assert torch.allclose(out[0].double(), ref0, atol=1e-5)
     assert (stats[0].double() - st0).abs().max() < 1e-5
