@@ -88,7 +88,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def server_config(args: argparse.Namespace):
-    from server.api.config import ServerConfig
+    from server.config import ServerConfig
 
     return ServerConfig(
         host=args.host, port=args.port, api_key=args.api_key or os.environ.get("HEADWISE_API_KEY") or None,

@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server import __version__
 from server.api import schemas
-from server.api.config import ServerConfig
+from server.config import ServerConfig
 from server.api.errors import APIError, bad_request, error_body
 from server.api.serving import ClientDisconnected, OpenAIServing
 from server.api.streaming import TIMING_HEADERS, dumps
@@ -252,7 +252,7 @@ def create_app(engine, metrics=None, cfg: ServerConfig | None = None) -> FastAPI
     @app.get("/health", responses={200: {"model": schemas.HealthResponse}, 503: {"model": schemas.ErrorResponse}})
     async def health() -> Response:
         """Liveness: 200 while the engine loop is alive."""
-        if getattr(engine, "_dead", None) is not None:
+        if not engine.is_alive:
             return error_response(APIError(503, "the engine loop stopped", type="service_unavailable_error",
                                            code="engine_dead"))
         return json_response({"status": "ok"})
@@ -261,7 +261,7 @@ def create_app(engine, metrics=None, cfg: ServerConfig | None = None) -> FastAPI
     async def ready() -> Response:
         """Readiness: 503 until the model is warm, and again while draining."""
         state = serving.state
-        if state.ready and getattr(engine, "_dead", None) is None:
+        if state.ready and engine.is_alive:
             return json_response({"status": "ready"})
         reason = "draining" if state.draining else "warming up" if not state.warm else "engine stopped"
         return error_response(APIError(503, f"not ready: {reason}", type="service_unavailable_error",

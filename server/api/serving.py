@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from server.api import streaming
-from server.api.config import ServerConfig
+from server.config import ServerConfig
 from server.api.errors import APIError, bad_request, echo, from_validation_error
 from server.api.schemas import (ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                                 TokenizeRequest, _SamplingFields)

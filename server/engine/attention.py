@@ -84,14 +84,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens: torc
     pos = torch.arange(n, device=q.device)                           # [N]
     valid = (pos[None, :] < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, N]
     s = s.masked_fill(~valid, float("-inf"))                         # [B, KVH, G, N]
-    m = s.amax(dim=-1, keepdim=True)                                 # [B, KVH, G, 1]
-    centred = torch.where(valid, s - m, 0.0)                         # [B, KVH, G, N] (s - m), 0 where masked
-    e = torch.where(valid, torch.exp(centred), 0.0)                  # [B, KVH, G, N]
+    m = s.amax(dim=-1, keepdim=True)                                 # [B, KVH, G, 1] finite: key 0 is valid
+    shifted = s - m                                                  # [B, KVH, G, N] <= 0, -inf where masked
+    e = torch.exp(shifted)                                           # [B, KVH, G, N] exactly 0 where masked
     l = e.sum(dim=-1, keepdim=True)                                  # [B, KVH, G, 1]
     out = torch.matmul(e, v.permute(0, 2, 1, 3)) / l                 # [B, KVH, G, D]
     out = out.reshape(b, h, d)                                       # [B, H, D]
     if not compute_stats:
         return out, None
+    centred = torch.where(valid, shifted, 0.0)                       # [B, KVH, G, N] 0, not -inf, where masked
     t = (e * centred).sum(dim=-1, keepdim=True)                      # [B, KVH, G, 1] <= 0
     marks = torch.stack([pos < sink_tokens, pos], dim=-1).to(q.dtype)  # [N, 2] sink indicator, position
     sink_pos = torch.matmul(e, marks)                                # [B, KVH, G, 2] sum e (j < 4), sum e j

@@ -441,6 +441,11 @@ class Engine:
             self._thread = None
 
     # -- observability ----------------------------------------------------------------------
+    @property
+    def is_alive(self) -> bool:
+        """False once the loop thread has died on a bug; no request can be served then."""
+        return self._dead is None
+
     def stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(

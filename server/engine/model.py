@@ -36,9 +36,8 @@ class Linear:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [T, C], weight [C] -> [T, C]."""
-    var = x.pow(2).mean(dim=-1, keepdim=True)  # [T, 1]
-    return x * torch.rsqrt(var + eps) * weight  # [T, C]
+    """x * rsqrt(mean(x^2) + eps) * weight, one fused op. x [T, C], weight [C] -> [T, C]."""
+    return F.rms_norm(x, weight.shape, weight, eps)  # [T, C]
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -143,9 +142,9 @@ class LlamaModel:
         for i, layer in enumerate(self.layers):
             a = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)      # [T, C]
             qkv = layer.qkv(a)                                       # [T, (H + 2 KVH) D]
-            q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)   # [T, H D], [T, KVH D] x2
-            q = apply_rope(q.view(-1, h, d), cos, sin)               # [T, H, D]
-            k = apply_rope(k.view(-1, kvh, d), cos, sin)             # [T, KVH, D]
+            qk, v = qkv.split([(h + kvh) * d, kvh * d], dim=-1)      # [T, (H + KVH) D], [T, KVH D]
+            qk = apply_rope(qk.view(-1, h + kvh, d), cos, sin)       # [T, H + KVH, D] one rotation for both
+            q, k = qk.split([h, kvh], dim=1)                         # [T, H, D], [T, KVH, D]
             attn, st = paged_attention(i, q, k, v.reshape(-1, kvh, d), cache, meta)  # [T, H, D], [R, H, 4]
             if st is not None:
                 telemetry.append(st)

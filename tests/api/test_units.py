@@ -10,7 +10,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from server.api.app import PUBLIC_PATHS, APIKeyMiddleware
-from server.api.config import ServerConfig
+from server.config import ServerConfig
 from server.api.errors import APIError, error_body, sanitize
 from server.api.streaming import head_telemetry, timings
 from server.engine.request import FinishReason, RequestHeadTelemetry, RequestStats, TokenEvent
