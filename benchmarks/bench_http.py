@@ -27,16 +27,7 @@ import subprocess
 import sys
 import time
 
-PROMPTS = [
-    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
-    "Explain how a refrigerator works to a ten year old.",
-    "List some good habits for writing maintainable software and explain each.",
-    "Describe the water cycle in detail.",
-    "What are the main causes of the French Revolution?",
-    "Give me a recipe for a simple vegetable soup.",
-    "Why do cats purr? Give several hypotheses.",
-    "Summarize the plot of a detective novel you invent.",
-]
+from benchmarks.bench_engine import PROMPTS  # the same prompts as the engine benchmark
 
 
 def log(msg: str) -> None:

@@ -186,13 +186,14 @@ def drain_servers(start_server):
     return a.wait_ready(), b.wait_ready()
 
 
-def test_sigterm_drains_in_flight_streams_then_exits_0(drain_servers):
-    srv = drain_servers[0]
+def _stream_in_background(srv, max_tokens: int):
+    """Start a streaming completion on a thread; returns once its first chunk arrived."""
     lines: list[str] = []
     first = threading.Event()
 
     def read():
-        with httpx.stream("POST", srv.url("/v1/completions"), json={**LONG, "max_tokens": 300}, timeout=60) as r:
+        with httpx.stream("POST", srv.url("/v1/completions"), json={**LONG, "max_tokens": max_tokens},
+                          timeout=60) as r:
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     lines.append(line)
@@ -201,6 +202,12 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(drain_servers):
     th = threading.Thread(target=read)
     th.start()
     assert first.wait(30)
+    return th, lines
+
+
+def test_sigterm_drains_in_flight_streams_then_exits_0(drain_servers):
+    srv = drain_servers[0]
+    th, lines = _stream_in_background(srv, 300)
     srv.proc.send_signal(signal.SIGTERM)
     time.sleep(0.2)
     assert srv.proc.poll() is None
@@ -219,19 +226,7 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(drain_servers):
 
 def test_sigterm_drain_timeout_aborts_and_exits_0(drain_servers):
     srv = drain_servers[1]
-    lines: list[str] = []
-    first = threading.Event()
-
-    def read():
-        with httpx.stream("POST", srv.url("/v1/completions"), json={**LONG, "max_tokens": 2000}, timeout=60) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    lines.append(line)
-                    first.set()
-
-    th = threading.Thread(target=read)
-    th.start()
-    assert first.wait(30)
+    th, lines = _stream_in_background(srv, 2000)
     t0 = time.monotonic()
     srv.proc.send_signal(signal.SIGTERM)
     th.join(30)
