@@ -68,22 +68,26 @@ def hf_generate(hf, ids: list[list[int]], new_tokens: int, pad: int) -> float:
 
 
 def telemetry_cost(engines: dict[str, Engine], batch: int, new_tokens: int, repeats: int) -> dict:
-    """Median decode step time with telemetry on and off, runs interleaved."""
-    times: dict[str, list[float]] = {"on": [], "off": []}
+    """Median decode step time with telemetry on and off. Both engines run the same workload at
+    once and step alternately (on, off, on, off, ...), so machine drift hits both alike."""
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     for _ in range(repeats):
-        for name, eng in engines.items():
-            params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-            rids = [eng.add_request(chat_ids(eng, i), params) for i in range(batch)]
-            steps = []
-            while eng.has_unfinished():
-                t0 = time.monotonic()
-                eng.step()
-                steps.append(time.monotonic() - t0)
-            # drop the prefill steps: keep steps where every sequence decodes
-            times[name].extend(steps[2:-1])
-            del rids
+        for eng in engines.values():
+            for i in range(batch):
+                eng.add_request(chat_ids(eng, i), params)
+        steps: dict[str, list[float]] = {name: [] for name in engines}
+        while any(eng.has_unfinished() for eng in engines.values()):
+            for name, eng in engines.items():
+                if eng.has_unfinished():
+                    t0 = time.monotonic()
+                    eng.step()
+                    steps[name].append(time.monotonic() - t0)
+        for name in engines:  # drop the prefill steps and the last: keep steps where every sequence decodes
+            times[name].extend(steps[name][2:-1])
     on, off = statistics.median(times["on"]), statistics.median(times["off"])
-    return {"batch": batch, "step_ms_on": on * 1000, "step_ms_off": off * 1000, "overhead_pct": (on / off - 1) * 100}
+    return {"batch": batch, "step_ms_on": on * 1000, "step_ms_off": off * 1000, "overhead_pct": (on / off - 1) * 100,
+            "steps_measured": len(times["on"])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128, help="generated tokens per sequence (default 128)")
     ap.add_argument("--prefill-tokens", type=int, default=512)
     ap.add_argument("--batches", default="1,4,16")
-    ap.add_argument("--telemetry-repeats", type=int, default=3)
+    ap.add_argument("--telemetry-repeats", type=int, default=5)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--only-telemetry", action="store_true", help="measure only the telemetry cost")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     from transformers import AutoModelForCausalLM
@@ -100,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     loaded = load_model(None, progress=log)
     mem = CacheConfig(memory_bytes=1 << 30)
+    if args.only_telemetry:
+        return _telemetry_only(loaded, mem, args)
     engine = Engine(EngineConfig(cache=mem), loaded=loaded)
     path = default_model_path()
     log("loading transformers' reference from the same GGUF")
@@ -160,6 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
+    return 0
+
+
+def _telemetry_only(loaded, mem: CacheConfig, args) -> int:
+    engines = {"on": Engine(EngineConfig(cache=mem), loaded=loaded),
+               "off": Engine(EngineConfig(cache=mem, telemetry=TelemetryConfig(enabled=False)), loaded=loaded)}
+    rows = [telemetry_cost(engines, b, min(args.new_tokens, 48), args.telemetry_repeats) for b in (1, 16)]
+    print(json.dumps(rows, indent=2))
     return 0
 
 
