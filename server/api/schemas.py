@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from server.engine.request import MAX_LOGPROBS
+from server.engine.request import MAX_LOGPROBS, RequestHeadTelemetry
 
 MAX_NAME_CHARS = 256
 
@@ -211,18 +211,6 @@ class Timings(_Doc):
     decode_tokens_per_s: float | None = None
 
 
-class HeadTelemetry(_Doc):
-    layers: int
-    heads: int
-    kv_heads: int
-    rows: int
-    entropy: list[list[float]]
-    normalized_entropy: list[list[float]]
-    max_weight: list[list[float]]
-    sink_mass: list[list[float]]
-    lookback_distance: list[list[float]]
-
-
 class CompletionChoice(_Doc):
     index: int
     text: str
@@ -238,7 +226,7 @@ class CompletionResponse(_Doc):
     choices: list[CompletionChoice]
     usage: Usage
     timings: Timings | None = None
-    head_telemetry: HeadTelemetry | None = None
+    head_telemetry: RequestHeadTelemetry | None = None  # the engine's contract type (DESIGN.md)
 
 
 class ChatCompletionMessage(_Doc):
@@ -261,7 +249,7 @@ class ChatCompletionResponse(_Doc):
     choices: list[ChatCompletionChoice]
     usage: Usage
     timings: Timings | None = None
-    head_telemetry: HeadTelemetry | None = None
+    head_telemetry: RequestHeadTelemetry | None = None  # the engine's contract type (DESIGN.md)
 
 
 class ModelCard(_Doc):

@@ -637,14 +637,19 @@ def test_garbage_gguf_is_corrupt(tmp_path, content):
     assert str(bad) in str(err.value)
 
 
-def test_gguf_unsupported_architecture(tmp_path):
-    path = tmp_path / "gpt2.gguf"
-    writer = gguf.GGUFWriter(str(path), "gpt2")
-    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+def _write_one_tensor_gguf(path, arch: str, name: str, array: np.ndarray) -> None:
+    """A GGUF with no metadata beyond its architecture and a single tensor."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def test_gguf_unsupported_architecture(tmp_path):
+    path = tmp_path / "gpt2.gguf"
+    _write_one_tensor_gguf(path, "gpt2", "token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     with pytest.raises(UnsupportedModelError, match="gpt2") as err:
         load_model(str(path), cache_dir=str(tmp_path / "cache"))
     assert str(path) in str(err.value)
@@ -652,12 +657,7 @@ def test_gguf_unsupported_architecture(tmp_path):
 
 def test_gguf_unsupported_tensor_type_is_named(tmp_path):
     path = tmp_path / "i32.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_tensor("blk.0.attn_norm.weight", np.zeros(8, dtype=np.int32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _write_one_tensor_gguf(path, "llama", "blk.0.attn_norm.weight", np.zeros(8, dtype=np.int32))
     tensor = gguf_convert.open_gguf(str(path)).tensors[0]
     with pytest.raises(UnsupportedModelError, match="blk.0.attn_norm.weight.*I32") as err:
         gguf_convert.dequantize_tensor(tensor, str(path))
@@ -681,12 +681,7 @@ def test_folder_with_one_gguf_loads_it(tiny_llama_gguf, tmp_path):
 
 def test_gguf_without_tokenizer_is_unsupported(tmp_path):
     path = tmp_path / "notok.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _write_one_tensor_gguf(path, "llama", "token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     with pytest.raises(UnsupportedModelError, match="tokenizer") as err:
         load_model(str(path), cache_dir=str(tmp_path / "cache"))
     assert str(path) in str(err.value)
