@@ -116,17 +116,24 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class TelemetryConfig:
-    """Per-head attention telemetry. sample_rate is the fraction of engine steps that compute it."""
+    """Per-head attention telemetry. sample_rate is the fraction of engine steps that compute it;
+    attention_time_sample_rate the fraction of steps whose per-layer attention time is measured
+    (0 turns it off); per_head_histograms keeps a normalized-entropy histogram per (layer, head)
+    besides the per-layer one (high cardinality when exported)."""
 
     enabled: bool = True
     sample_rate: float = 1.0
     sink_tokens: int = 4
     histogram_buckets: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    attention_time_sample_rate: float = 0.1
+    per_head_histograms: bool = False
 
     def __post_init__(self) -> None:
         _require(0.0 < self.sample_rate <= 1.0 and math.isfinite(self.sample_rate),
                  f"telemetry sample_rate must be in (0, 1], got {self.sample_rate}")
         _require(self.sink_tokens > 0, "sink_tokens must be > 0")
+        _require(0.0 <= self.attention_time_sample_rate <= 1.0 and math.isfinite(self.attention_time_sample_rate),
+                 f"attention_time_sample_rate must be in [0, 1], got {self.attention_time_sample_rate}")
         _require(list(self.histogram_buckets) == sorted(set(self.histogram_buckets)),
                  "histogram buckets must be strictly increasing")
 

@@ -15,7 +15,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +27,8 @@ from server.engine.errors import ContextLengthExceededError, EngineDeadError, In
 from server.engine.kv_cache import KVCache, num_blocks_for
 from server.engine.loader import LoadedModel, load_model
 from server.engine.model import LlamaModel
-from server.engine.request import (FinishReason, Request, RequestStats, RequestStatus, SamplingParams,
-                                   TokenEvent)
+from server.engine.request import (FinishReason, Request, RequestHeadTelemetry, RequestStats, RequestStatus,
+                                   SamplingParams, TokenEvent)
 from server.engine.runner import ModelRunner, StepOutput
 from server.engine.scheduler import Batch, Scheduler
 from server.engine.streams import RequestStream
@@ -38,8 +38,20 @@ log = logging.getLogger("headwise.engine")
 
 
 @dataclass(frozen=True)
+class FinishedRequest:
+    """A request that ended in a step (for publishers). head_telemetry: its per-head means,
+    whenever telemetry ran for it (whether or not the client asked to receive them)."""
+
+    request_id: str
+    finish_reason: FinishReason
+    stats: RequestStats
+    head_telemetry: RequestHeadTelemetry | None
+
+
+@dataclass(frozen=True)
 class StepStats:
-    """What one step did (for publishers)."""
+    """What one step did (for publishers): load after it, the latencies observed in it, the
+    requests that ended in it, and on sampled steps each layer's attention time."""
 
     num_scheduled_tokens: int
     num_sampled: int
@@ -49,6 +61,27 @@ class StepStats:
     kv_cache_usage: float
     step_time: float
     telemetry: bool
+    time_to_first_token: tuple[float, ...] = ()   # seconds, requests whose first token came in this step
+    inter_token_latencies: tuple[float, ...] = ()  # seconds, one per later token of this step
+    finished: tuple[FinishedRequest, ...] = ()
+    attention_times: tuple[float, ...] | None = None  # seconds per layer, on timed steps
+
+
+class _Sampler:
+    """Picks a steady fraction `rate` of calls (every 1/rate-th, no randomness); rate 0 never."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._credit = 0.0
+
+    def due(self) -> bool:
+        if self.rate <= 0.0:
+            return False
+        self._credit += self.rate
+        if self._credit >= 1.0 - 1e-9:
+            self._credit -= 1.0
+            return True
+        return False
 
 
 @dataclass(frozen=True)
@@ -112,7 +145,9 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.runner = ModelRunner(self.model, self.cache, self.device, config.telemetry.sink_tokens)
-        self.head_stats = HeadStatsAccumulator(mc.num_layers, mc.num_heads, config.telemetry.histogram_buckets)
+        tc = config.telemetry
+        self.head_stats = HeadStatsAccumulator(mc.num_layers, mc.num_heads, tc.histogram_buckets,
+                                               per_head_histograms=tc.per_head_histograms)
         self.eos_token_ids = frozenset(mc.eos_token_ids)
         self._live: dict[str, _Live] = {}             # requests the engine still works on
         self._streams: dict[str, RequestStream] = {}  # streams not yet read to their end
@@ -121,7 +156,12 @@ class Engine:
         self._wake = threading.Event()
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
-        self._telemetry_credit = 0.0
+        self._telemetry_sampler = _Sampler(tc.sample_rate if tc.enabled else 0.0)
+        self._timing_sampler = _Sampler(tc.attention_time_sample_rate)
+        self._observers: list[Callable[[StepStats], None]] = []
+        self._step_ttft: list[float] = []
+        self._step_itl: list[float] = []
+        self._step_finished: list[FinishedRequest] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._dead: BaseException | None = None
@@ -186,7 +226,9 @@ class Engine:
                           max_tokens=max_tokens, eos_token_ids=self.eos_token_ids,
                           seed=params.seed if params.seed is not None else self._rng.getrandbits(63))
             mc = self.model_config
-            telemetry = RequestTelemetry(mc.num_layers, mc.num_heads, mc.num_kv_heads) if params.head_telemetry else None
+            # kept for every request while telemetry is on: publishers show recent requests' heads
+            telemetry = (RequestTelemetry(mc.num_layers, mc.num_heads, mc.num_kv_heads)
+                         if self.config.telemetry.enabled or params.head_telemetry else None)
             stream = RequestStream(rid, ids)
             self._live[rid] = _Live(req, stream, IncrementalDetokenizer(self.tokenizer, ids, params), telemetry)
             self._streams[rid] = stream
@@ -206,43 +248,53 @@ class Engine:
         with self._inbox_lock:
             return bool(self._inbox) or self.scheduler.has_work()
 
+    def add_observer(self, observer: Callable[[StepStats], None]) -> None:
+        """Call observer(StepStats) on the stepping thread after every step that ran a batch or
+        ended a request. Keep it cheap; an observer that raises is logged and skipped."""
+        self._observers.append(observer)
+
     def step(self) -> list[TokenEvent]:
         """One iteration: apply the inbox, schedule, run, update. Returns the events emitted."""
         with self._step_lock:
             t0 = time.monotonic()
+            self._step_ttft, self._step_itl, self._step_finished = [], [], []
             events = self._apply_inbox()
             batch = self.scheduler.schedule()
-            if batch.empty:
-                return self._publish(events)
-            now = time.monotonic()
-            for s in batch.scheduled:
-                if s.request.first_scheduled_time is None:
-                    s.request.first_scheduled_time = now
-            telemetry = self._telemetry_due()
-            try:
-                out = self.runner.execute(batch, telemetry)
-            except Exception as exc:  # a failed step fails its requests, never the loop
-                log.exception("step failed; failing %d requests", len(batch.scheduled))
+            out, telemetry = None, False
+            if not batch.empty:
+                now = time.monotonic()
                 for s in batch.scheduled:
-                    events.append(self._finish(s.request, FinishReason.ERROR, error=f"engine step failed: {exc}"))
-                return self._publish(events)
-            events.extend(self._update(batch, out))
-            self.steps += 1
-            self.last_step = StepStats(
-                num_scheduled_tokens=out.num_tokens, num_sampled=len(out.sampled), num_preempted=len(batch.preempted),
-                num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
-                kv_cache_usage=self.block_manager.usage, step_time=time.monotonic() - t0, telemetry=telemetry)
+                    if s.request.first_scheduled_time is None:
+                        s.request.first_scheduled_time = now
+                telemetry = self._telemetry_sampler.due()
+                try:
+                    out = self.runner.execute(batch, telemetry, time_attention=self._timing_sampler.due())
+                except Exception as exc:  # a failed step fails its requests, never the loop
+                    log.exception("step failed; failing %d requests", len(batch.scheduled))
+                    for s in batch.scheduled:
+                        events.append(self._finish(s.request, FinishReason.ERROR, error=f"engine step failed: {exc}"))
+                else:
+                    events.extend(self._update(batch, out))
+                    self.steps += 1
+            if out is not None or self._step_finished:
+                step = StepStats(
+                    num_scheduled_tokens=out.num_tokens if out else 0, num_sampled=len(out.sampled) if out else 0,
+                    num_preempted=len(batch.preempted), num_running=self.scheduler.num_running,
+                    num_waiting=self.scheduler.num_waiting, kv_cache_usage=self.block_manager.usage,
+                    step_time=time.monotonic() - t0, telemetry=telemetry,
+                    time_to_first_token=tuple(self._step_ttft), inter_token_latencies=tuple(self._step_itl),
+                    finished=tuple(self._step_finished), attention_times=out.attention_times if out else None)
+                if out is not None:
+                    self.last_step = step
+                self._notify(step)
             return self._publish(events)
 
-    def _telemetry_due(self) -> bool:
-        tc = self.config.telemetry
-        if not tc.enabled:
-            return False
-        self._telemetry_credit += tc.sample_rate
-        if self._telemetry_credit >= 1.0 - 1e-9:
-            self._telemetry_credit -= 1.0
-            return True
-        return False
+    def _notify(self, step: StepStats) -> None:
+        for observer in self._observers:
+            try:
+                observer(step)
+            except Exception:  # a publisher's bug must not stop serving
+                log.exception("step observer %r failed", observer)
 
     def _apply_inbox(self) -> list[TokenEvent]:
         with self._inbox_lock:
@@ -284,8 +336,10 @@ class Engine:
         if req.first_token_time is None:
             req.first_token_time = now
             self.prompt_tokens += req.num_prompt_tokens
+            self._step_ttft.append(now - req.arrival_time)
         else:
             req.inter_token_latencies.append(now - req.last_token_time)
+            self._step_itl.append(now - req.last_token_time)
         req.last_token_time = now
         if live.telemetry is not None and tok.telemetry_row is not None and stats is not None:
             live.telemetry.add_row(stats[:, tok.telemetry_row])       # [L, H, 5]
@@ -327,10 +381,11 @@ class Engine:
                           else req.first_token_time - req.first_scheduled_time),
             decode_time=(None if req.first_token_time is None else req.last_token_time - req.first_token_time),
             e2e_latency=end - req.arrival_time, inter_token_latencies=tuple(req.inter_token_latencies))
+        head = live.telemetry.result() if live.telemetry is not None else None
+        self._step_finished.append(FinishedRequest(req.request_id, reason, stats, head if head and head.rows else None))
         return TokenEvent(req.request_id, tuple(token_ids), text, logprobs, finished=True, finish_reason=reason,
                           stop_reason=stop_reason, stats=stats,
-                          head_telemetry=live.telemetry.result() if live.telemetry is not None else None,
-                          error=error)
+                          head_telemetry=head if req.params.head_telemetry else None, error=error)
 
     def _publish(self, events: list[TokenEvent]) -> list[TokenEvent]:
         for ev in events:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from server.config import ModelConfig, RopeScaling
 from server.engine.attention import AttentionMetadata, paged_attention
 from server.engine.kv_cache import KVCache
+from server.engine.timing import LayerTimer
 
 
 class Linear:
@@ -89,6 +90,7 @@ class DecoderLayer:
 class ForwardOutput:
     logits: torch.Tensor              # [S, V] for the sampled rows
     telemetry: torch.Tensor | None    # [L, R, H, NUM_ACCUMULATORS] telemetry rows, or None
+    attention_times: tuple[float, ...] | None = None  # seconds per layer, when a timer was given
 
 
 class LlamaModel:
@@ -132,8 +134,9 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, meta: AttentionMetadata,
-                sample_rows: torch.Tensor) -> ForwardOutput:
-        """input_ids, positions [T]; sample_rows [S] rows whose logits are wanted."""
+                sample_rows: torch.Tensor, timer: LayerTimer | None = None) -> ForwardOutput:
+        """input_ids, positions [T]; sample_rows [S] rows whose logits are wanted; timer, when
+        given, times each layer's attention (telemetry included)."""
         cfg = self.cfg
         h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         cos, sin = self.cos[positions], self.sin[positions]          # [T, D]
@@ -145,7 +148,11 @@ class LlamaModel:
             qk, v = qkv.split([(h + kvh) * d, kvh * d], dim=-1)      # [T, (H + KVH) D], [T, KVH D]
             qk = apply_rope(qk.view(-1, h + kvh, d), cos, sin)       # [T, H + KVH, D] one rotation for both
             q, k = qk.split([h, kvh], dim=1)                         # [T, H, D], [T, KVH, D]
+            if timer is not None:
+                timer.start()
             attn, st = paged_attention(i, q, k, v.reshape(-1, kvh, d), cache, meta)  # [T, H, D], [R, H, 4]
+            if timer is not None:
+                timer.stop()
             if st is not None:
                 telemetry.append(st)
             x = x + layer.o_proj(attn.reshape(-1, h * d))            # [T, C]
@@ -154,4 +161,5 @@ class LlamaModel:
             x = x + layer.down(F.silu(gate) * up)                    # [T, C]
         last = rms_norm(x[sample_rows], self.norm, cfg.rms_norm_eps)  # [S, C]
         logits = self.lm_head(last)                                  # [S, V]
-        return ForwardOutput(logits=logits, telemetry=torch.stack(telemetry) if telemetry else None)  # [L, R, H, 4]
+        return ForwardOutput(logits=logits, telemetry=torch.stack(telemetry) if telemetry else None,  # [L, R, H, 4]
+                             attention_times=timer.seconds() if timer is not None else None)

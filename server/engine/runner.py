@@ -17,6 +17,7 @@ from server.engine.model import LlamaModel
 from server.engine.request import TokenLogprob
 from server.engine.sampler import SamplingRow, derive_seed, sample
 from server.engine.scheduler import Batch
+from server.engine.timing import LayerTimer
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class StepOutput:
     sampled: tuple[SampledToken, ...]
     stats: torch.Tensor | None  # [L, R, H, NUM_STATS] on the CPU, float64
     num_tokens: int
+    attention_times: tuple[float, ...] | None = None  # seconds per layer, on timed steps
 
 
 class ModelRunner:
@@ -55,7 +57,7 @@ class ModelRunner:
         inside = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]                # [B, N]
         return torch.where(inside, slots, self.cache.pad_slot)                            # [B, N]
 
-    def execute(self, batch: Batch, compute_stats: bool) -> StepOutput:
+    def execute(self, batch: Batch, compute_stats: bool, time_attention: bool = False) -> StepOutput:
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -99,7 +101,8 @@ class ModelRunner:
         out = self.model.forward(
             torch.tensor(input_ids, dtype=torch.long, device=dev),                            # [T]
             torch.tensor(positions, dtype=torch.long, device=dev),                            # [T]
-            self.cache, meta, torch.tensor(sample_rows, dtype=torch.long, device=dev))        # [S]
+            self.cache, meta, torch.tensor(sample_rows, dtype=torch.long, device=dev),        # [S]
+            timer=LayerTimer(dev) if time_attention else None)
 
         # telemetry rows: all decode rows, then prefill last rows with want_stats
         telemetry_row: dict[int, int] = {}
@@ -126,4 +129,5 @@ class ModelRunner:
             SampledToken(batch.scheduled[idx].request.request_id, result.token_ids[k], result.logprobs[k],
                          telemetry_row.get(idx))
             for k, idx in enumerate(sample_sched))
-        return StepOutput(sampled=sampled, stats=stats, num_tokens=len(input_ids))
+        return StepOutput(sampled=sampled, stats=stats, num_tokens=len(input_ids),
+                          attention_times=out.attention_times)

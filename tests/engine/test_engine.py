@@ -216,11 +216,11 @@ def test_failed_step_fails_only_its_requests(tiny_llama_dir, monkeypatch):
     real = engine.runner.execute
     calls = {"n": 0}
 
-    def flaky(batch, stats):
+    def flaky(batch, stats, **kwargs):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("boom")
-        return real(batch, stats)
+        return real(batch, stats, **kwargs)
 
     monkeypatch.setattr(engine.runner, "execute", flaky)
     evs = engine.step()
