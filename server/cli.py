@@ -168,8 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
-    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    # $HEADWISE_HOST / $HEADWISE_PORT: the container image binds 0.0.0.0 through them, so its
+    # command line stays "headwise serve [flags]" whatever flags an operator adds.
+    srv.add_argument("--host", default=os.environ.get("HEADWISE_HOST") or "127.0.0.1",
+                     help="address to bind (default: $HEADWISE_HOST, else 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=os.environ.get("HEADWISE_PORT") or 8000,
+                     help="port (default: $HEADWISE_PORT, else 8000)")
     srv.add_argument("--api-key", default=None,
                      help="require 'Authorization: Bearer KEY' on every route but /health and /ready "
                           "(default: $HEADWISE_API_KEY, else no key)")
