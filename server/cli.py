@@ -26,6 +26,10 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-telemetry", action="store_true", help="switch per-head attention telemetry off")
     p.add_argument("--telemetry-sample-rate", type=float, default=1.0,
                    help="fraction of steps that compute telemetry (default 1)")
+    p.add_argument("--attention-time-sample-rate", type=float, default=0.1,
+                   help="fraction of steps whose per-layer attention time is measured, 0 for none (default 0.1)")
+    p.add_argument("--per-head-histograms", action="store_true",
+                   help="also keep and export a normalized-entropy histogram per (layer, head) (high cardinality)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -38,7 +42,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                           enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_model_len=args.max_model_len),
-        telemetry=TelemetryConfig(enabled=not args.no_telemetry, sample_rate=args.telemetry_sample_rate))
+        telemetry=TelemetryConfig(enabled=not args.no_telemetry, sample_rate=args.telemetry_sample_rate,
+                                  attention_time_sample_rate=args.attention_time_sample_rate,
+                                  per_head_histograms=args.per_head_histograms))
 
 
 def entropy_table(telemetry, stat: str = "normalized_entropy") -> str:

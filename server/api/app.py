@@ -25,13 +25,18 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from server import __version__
 from server.api import schemas
 from server.config import ServerConfig
+from server.metrics import Metrics
 from server.api.errors import APIError, bad_request, error_body
 from server.api.serving import ClientDisconnected, OpenAIServing
 from server.api.streaming import TIMING_HEADERS, dumps
+from server.api.dashboard import DASHBOARD_PATHS, dashboard_router
+from server.api.telemetry_feed import TelemetryFeed
 
 log = logging.getLogger("headwise.api")
 
 PUBLIC_PATHS = frozenset({"/health", "/ready"})
+# routes whose refused requests count in headwise_requests_rejected_total
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 
 
 def json_response(obj, status: int = 200, headers: dict | None = None) -> Response:
@@ -106,30 +111,6 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _metrics_text(serving: OpenAIServing, engine) -> bytes:
-    """The minimum until the metrics issue lands: load, KV usage, admission (Prometheus text)."""
-    st = engine.stats()
-    state = serving.state
-    lines = []
-
-    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
-        lines.append(f"# HELP {name} {help_}")
-        lines.append(f"# TYPE {name} {kind}")
-        lines.extend(f"{name}{labels} {value}" for labels, value in samples)
-
-    metric("headwise_num_requests_running", "gauge", "Requests in the running batch.", [("", st.num_running)])
-    metric("headwise_num_requests_waiting", "gauge", "Requests waiting to be scheduled.", [("", st.num_waiting)])
-    metric("headwise_kv_cache_usage_ratio", "gauge", "Fraction of KV cache blocks in use.", [("", st.kv_cache_usage)])
-    metric("headwise_kv_cache_blocks", "gauge", "KV cache blocks in total.", [("", st.num_blocks)])
-    metric("headwise_kv_cache_free_blocks", "gauge", "KV cache blocks free (or cached and evictable).",
-           [("", st.num_free_blocks)])
-    metric("headwise_api_requests_in_flight", "gauge", "Engine requests admitted by the HTTP server and not finished.",
-           [("", state.in_flight)])
-    metric("headwise_requests_rejected_total", "counter", "Requests refused before reaching the engine.",
-           [(f'{{reason="{r}"}}', state.rejected.get(r, 0)) for r in ("queue_full", "draining")])
-    return ("\n".join(lines) + "\n").encode()
-
-
 def _custom_openapi(app: FastAPI) -> dict:
     if app.openapi_schema:
         return app.openapi_schema
@@ -156,10 +137,11 @@ def create_app(engine, metrics=None, cfg: ServerConfig | None = None) -> FastAPI
     """The HTTP application over a loaded engine. The lifespan starts the engine loop, warms it
     up (/ready is 503 until then), and on exit aborts what is left and stops the engine.
 
-    `metrics`, when given, must offer render() -> bytes (Prometheus text) and replaces the
-    minimal /metrics exposition."""
+    `metrics` (server.metrics.Metrics) is built over the engine when not given."""
     cfg = cfg or ServerConfig()
     serving = OpenAIServing(engine, cfg)
+    metrics = metrics or Metrics(engine, serving.model_id, __version__)
+    metrics.track_api(lambda: serving.state.in_flight, lambda: dict(serving.state.rejected))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -179,10 +161,17 @@ def create_app(engine, metrics=None, cfg: ServerConfig | None = None) -> FastAPI
     app.state.serving = serving
     app.state.cfg = cfg
     app.openapi = lambda: _custom_openapi(app)
+    # the live dashboard (/dashboard) and its JSON (/v1/telemetry), fed by engine step observers
+    app.state.telemetry = TelemetryFeed(engine, model=serving.model_id, admission=lambda: dict(serving.state.rejected),
+                                        in_flight=lambda: serving.state.in_flight)
+    app.include_router(dashboard_router(app.state.telemetry))
 
     # ----------------------------------------------------------------- errors
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:
+        if request.scope["path"] in GENERATION_PATHS and exc.status in (400, 404, 413):  # 503s count where raised
+            reason = "context_length_exceeded" if exc.code == "context_length_exceeded" else "invalid_request"
+            serving.state.rejected[reason] += 1
         return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
@@ -203,7 +192,7 @@ def create_app(engine, metrics=None, cfg: ServerConfig | None = None) -> FastAPI
 
     # ----------------------------------------------------------------- middleware (last added = outermost)
     if cfg.api_key:
-        public = PUBLIC_PATHS if cfg.metrics_require_key else PUBLIC_PATHS | {"/metrics"}
+        public = (PUBLIC_PATHS if cfg.metrics_require_key else PUBLIC_PATHS | {"/metrics"}) | DASHBOARD_PATHS
         app.add_middleware(APIKeyMiddleware, api_key=cfg.api_key, public=public)
     if cfg.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_credentials=False,
@@ -269,7 +258,7 @@ def create_app(engine, metrics=None, cfg: ServerConfig | None = None) -> FastAPI
 
     @app.get("/metrics", response_class=Response)
     async def metrics_route() -> Response:
-        body = metrics.render() if metrics is not None else _metrics_text(serving, engine)
-        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+        """Prometheus text exposition, rendered off the event loop so a scrape never stalls streams."""
+        return Response(await asyncio.to_thread(metrics.render), headers={"content-type": metrics.content_type})
 
     return app

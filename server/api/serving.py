@@ -487,7 +487,8 @@ class OpenAIServing:
         """A 2-token greedy request through the whole path; /ready turns 200 after it."""
         if self.cfg.warmup:
             ids = await self.off_loop(self.engine.tokenize, "Hello") or [0]
-            rid = self.engine.add_request(ids, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+            rid = self.engine.add_request(ids, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+                                          internal=True)
             async for _ in self.engine.astream(rid):
                 pass
         self.state.warm = True

@@ -189,9 +189,10 @@ class Engine:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, internal: bool = False) -> str:
         """Validate and queue a request; returns its id. Raises InvalidRequestError (or
-        ContextLengthExceededError) before anything is scheduled."""
+        ContextLengthExceededError) before anything is scheduled. An internal request (the
+        server's warm-up) is served like any other but counted in no statistic."""
         if self._dead is not None:
             raise EngineDeadError(f"engine loop stopped: {self._dead}")
         params = params or SamplingParams()
@@ -224,7 +225,8 @@ class Engine:
                 raise InvalidRequestError(f"request id {rid!r} is already in use", param="request_id")
             req = Request(request_id=rid, prompt_token_ids=ids, params=params, arrival_time=time.monotonic(),
                           max_tokens=max_tokens, eos_token_ids=self.eos_token_ids,
-                          seed=params.seed if params.seed is not None else self._rng.getrandbits(63))
+                          seed=params.seed if params.seed is not None else self._rng.getrandbits(63),
+                          internal=internal)
             mc = self.model_config
             # kept for every request while telemetry is on: publishers show recent requests' heads
             telemetry = (RequestTelemetry(mc.num_layers, mc.num_heads, mc.num_kv_heads)
@@ -317,7 +319,13 @@ class Engine:
             req.num_committed_blocks = bm.commit(req.block_ids, req.token_ids, req.num_computed_tokens,
                                                  req.num_committed_blocks)
         if out.stats is not None:
-            self.head_stats.add(out.stats)
+            internal = {tok.telemetry_row for tok in out.sampled
+                        if tok.telemetry_row is not None and self._live[tok.request_id].request.internal}
+            if internal:
+                keep = [r for r in range(out.stats.shape[1]) if r not in internal]
+                self.head_stats.add(out.stats[:, keep])                # [L, R', H, 5]
+            else:
+                self.head_stats.add(out.stats)
         events = []
         now = time.monotonic()
         for tok in out.sampled:
@@ -332,14 +340,17 @@ class Engine:
     def _accept(self, live: _Live, tok, now: float, stats: torch.Tensor | None) -> TokenEvent:
         req = live.request
         req.token_ids.append(tok.token_id)
-        self.generation_tokens += 1
+        counted = not req.internal
+        self.generation_tokens += counted
         if req.first_token_time is None:
             req.first_token_time = now
-            self.prompt_tokens += req.num_prompt_tokens
-            self._step_ttft.append(now - req.arrival_time)
+            self.prompt_tokens += req.num_prompt_tokens * counted
+            if counted:
+                self._step_ttft.append(now - req.arrival_time)
         else:
             req.inter_token_latencies.append(now - req.last_token_time)
-            self._step_itl.append(now - req.last_token_time)
+            if counted:
+                self._step_itl.append(now - req.last_token_time)
         req.last_token_time = now
         if live.telemetry is not None and tok.telemetry_row is not None and stats is not None:
             live.telemetry.add_row(stats[:, tok.telemetry_row])       # [L, H, 5]
@@ -382,7 +393,9 @@ class Engine:
             decode_time=(None if req.first_token_time is None else req.last_token_time - req.first_token_time),
             e2e_latency=end - req.arrival_time, inter_token_latencies=tuple(req.inter_token_latencies))
         head = live.telemetry.result() if live.telemetry is not None else None
-        self._step_finished.append(FinishedRequest(req.request_id, reason, stats, head if head and head.rows else None))
+        if not req.internal:
+            self._step_finished.append(FinishedRequest(req.request_id, reason, stats,
+                                                       head if head and head.rows else None))
         return TokenEvent(req.request_id, tuple(token_ids), text, logprobs, finished=True, finish_reason=reason,
                           stop_reason=stop_reason, stats=stats,
                           head_telemetry=head if req.params.head_telemetry else None, error=error)

@@ -207,6 +207,7 @@ class Request:
     max_tokens: int
     eos_token_ids: frozenset[int] = frozenset()
     seed: int = 0  # base of this request's per-position sampling seeds (params.seed, or drawn by the engine)
+    internal: bool = False  # the server's own (warm-up): served normally, left out of all statistics
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -119,10 +120,12 @@ def model_id(server) -> str:
     return httpx.get(server.url("/v1/models")).json()["data"][0]["id"]
 
 
-def metric(server: ServerProcess, name: str, headers: dict | None = None) -> float:
-    """One unlabelled sample of /metrics."""
+def metric(server: ServerProcess, name: str, headers: dict | None = None, **labels: str) -> float:
+    """The value of the sample `name` of /metrics whose labels include `labels` (the `model`
+    label every family has need not be given), read with prometheus_client's parser."""
     text = httpx.get(server.url("/metrics"), headers=headers or {}).text
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                return sample.value
     raise KeyError(name)

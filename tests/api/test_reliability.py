@@ -135,7 +135,7 @@ def test_overload_answers_503_with_retry_after(overload_server):
             c.chat.completions.create(model=c.models.list().data[0].id, messages=[{"role": "user", "content": "Hi"}],
                                       max_tokens=2)
         assert e.value.status_code == 503
-    assert 'headwise_requests_rejected_total{reason="queue_full"} 2' in httpx.get(srv.url("/metrics")).text
+    assert metric(srv, "headwise_requests_rejected_total", reason="queue_full") == 2
     stop.set()
     for t in threads:
         t.join(30)

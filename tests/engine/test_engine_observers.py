@@ -83,3 +83,18 @@ def test_telemetry_off_keeps_no_request_heads(tiny_llama_dir):
     steps = observe(engine)
     engine.generate(["Hello"], SamplingParams(max_tokens=3, temperature=0.0))
     assert all(f.head_telemetry is None for st in steps for f in st.finished)
+
+
+def test_internal_requests_are_left_out_of_every_statistic(tiny_llama_dir):
+    engine = engine_with(tiny_llama_dir)
+    steps = observe(engine)
+    warm = engine.add_request("Hello", SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), internal=True)
+    user = engine.add_request("Hello world", SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    assert len(engine.collect(warm).token_ids) == 3 and len(engine.collect(user).token_ids) == 4
+    st = engine.stats()
+    assert st.generation_tokens == 4 and st.prompt_tokens == len(engine.tokenize("Hello world"))
+    hs = engine.head_stats_snapshot()
+    assert hs.rows == 4 and bool((hs.counts == 4).all())
+    assert [f.request_id for s in steps for f in s.finished] == [user]
+    assert sum(len(s.time_to_first_token) for s in steps) == 1
+    assert sum(len(s.inter_token_latencies) for s in steps) == 3
