@@ -1,0 +1,101 @@
+"""The operations dashboard: GET /dashboard (one static page and its assets, served from
+server/api/static/, no build step) and the JSON it polls, GET /v1/telemetry and
+GET /v1/telemetry/requests/{id}, fed by TelemetryFeed (docs/telemetry-api.md).
+
+Authentication: the page and its assets (DASHBOARD_PATHS) are public, they hold no data; the
+JSON routes follow --api-key like the inference routes, and the page sends the key, which the
+operator types into it once per browser tab (kept in sessionStorage).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from server.api.errors import APIError, bad_request
+from server.api.streaming import dumps
+from server.api.telemetry_feed import TelemetryFeed, UnknownWindowError
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+PAGE = "dashboard.html"
+ASSETS = {  # served as /dashboard/static/<name>
+    "dashboard.js": "text/javascript; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
+    "uPlot.iife.min.js": "text/javascript; charset=utf-8",
+    "uPlot.min.css": "text/css; charset=utf-8",
+}
+DASHBOARD_PATHS = frozenset({"/dashboard", *(f"/dashboard/static/{name}" for name in ASSETS)})
+MAX_RECENT = 100
+
+
+def _json(obj, status: int = 200) -> Response:
+    return Response(dumps(obj), status_code=status, media_type="application/json",
+                    headers={"cache-control": "no-store"})
+
+
+class _Asset:
+    def __init__(self, path: Path, media_type: str) -> None:
+        self.body = path.read_bytes()
+        self.media_type = media_type
+        self.etag = '"' + hashlib.sha256(self.body).hexdigest()[:20] + '"'
+
+    def response(self, request: Request) -> Response:
+        headers = {"etag": self.etag, "cache-control": "no-cache", "x-content-type-options": "nosniff"}
+        if request.headers.get("if-none-match") == self.etag:
+            return Response(status_code=304, headers=headers)
+        return Response(self.body, media_type=self.media_type, headers=headers)
+
+
+def _recent_param(raw: str | None) -> int:
+    if raw is None:
+        return 20
+    if not raw.isdigit() or int(raw) > MAX_RECENT:
+        raise bad_request(f"recent must be an integer in [0, {MAX_RECENT}]", param="recent", code="invalid_value")
+    return int(raw)
+
+
+def dashboard_router(feed: TelemetryFeed) -> APIRouter:
+    """Routes of the dashboard page, its assets and the telemetry JSON over `feed`."""
+    router = APIRouter()
+    page = _Asset(STATIC_DIR / PAGE, "text/html; charset=utf-8")
+    assets = {name: _Asset(STATIC_DIR / name, media) for name, media in ASSETS.items()}
+
+    @router.get("/dashboard", include_in_schema=False)
+    async def dashboard(request: Request) -> Response:
+        return page.response(request)
+
+    @router.get("/dashboard/static/{name}", include_in_schema=False)
+    async def dashboard_asset(name: str, request: Request) -> Response:
+        asset = assets.get(name)
+        if asset is None:
+            raise APIError(404, "no such route", code="not_found")
+        return asset.response(request)
+
+    @router.get("/v1/telemetry", tags=["telemetry"])
+    async def telemetry(request: Request) -> Response:
+        """Live telemetry over a window (?window=1m|5m|all, ?recent=0..100): per-(layer, head)
+        means of every statistic, latency percentiles, throughput, load, counters, a short
+        time series and the most recent requests. Fields: docs/telemetry-api.md."""
+        query = request.query_params
+        window = query.get("window", "1m")
+        recent = _recent_param(query.get("recent"))
+        try:
+            return _json(feed.snapshot(window, recent=recent))
+        except UnknownWindowError as exc:
+            raise bad_request(str(exc), param="window", code="invalid_value") from None
+
+    @router.get("/v1/telemetry/requests/{request_id}", tags=["telemetry"])
+    async def telemetry_request(request_id: str) -> Response:
+        """One recently finished request: timings, token counts and its per-(layer, head) means."""
+        found = feed.request(request_id)
+        if found is None:
+            raise APIError(404, f"no recent request with id {request_id[:64]!r} (only the last "
+                                f"{feed.max_recent} finished requests are kept)", param="request_id",
+                           code="request_not_found")
+        return _json(found)
+
+    return router
+
