@@ -25,6 +25,11 @@ if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
 
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "[ci-apt] no apt-get (not Debian): skipping. Install the equivalents of: ${missing[*]}"
+  exit 0
+fi
+
 if [ "$(id -u)" -ne 0 ]; then
   echo "[ci-apt] not root: skipping. Missing Debian packages: ${missing[*]}"
   echo "[ci-apt] install them with: sudo apt-get install -y --no-install-recommends ${missing[*]}"
