@@ -95,7 +95,7 @@
   async function refresh() {
     clearTimeout(state.timer);
     try {
-      const data = await getJSON(`v1/telemetry?window=${encodeURIComponent(state.window)}&recent=15`);
+      const data = await getJSON(`v1/telemetry?window=${encodeURIComponent(state.window)}&recent=12`);
       state.data = data;
       render(data);
       state.updates += 1;
@@ -178,9 +178,9 @@
     const opts = {
       width: el.clientWidth || 400, height: el.clientHeight || 190,
       cursor: { drag: { x: false, y: false } },
-      legend: { show: true, live: true },
+      legend: { show: true, live: false },
       scales: { x: { time: true, range: (u, min, max) => xRange(min, max) }, ...scales },
-      series: [{ label: "time", value: (u, v) => (v == null ? "–" : clock(v)) }, ...series],
+      series: [{ label: "time" }, ...series],
       axes: [{ ...AXIS, space: 70, values: (u, splits) => splits.map((v) => clock(v)) }, ...axes],
     };
     const u = new uPlot(opts, [[], ...series.map(() => [])], el);
@@ -204,7 +204,7 @@
        { label: "KV %", stroke: "#b18cff", width: 1.5, dash: [5, 4], scale: "%",
          value: (u, v) => (v == null ? "–" : v.toFixed(1) + " %") }],
       { n: { range: (u, min, max) => [0, Math.max(2, Math.ceil(max * 1.2))] }, "%": { range: [0, 100] } },
-      [{ ...AXIS, scale: "n", size: 36 }, { ...AXIS, scale: "%", side: 1, size: 40, grid: { show: false },
+      [{ ...AXIS, scale: "n", size: 36 }, { ...AXIS, scale: "%", side: 1, size: 50, grid: { show: false },
          values: (u, vals) => vals.map((v) => v + "%") }]);
     load.setData([xs, s.num_running, s.num_waiting, s.kv_cache_usage.map((v) => (v == null ? null : v * 100))]);
   }
