@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -22,7 +23,7 @@ def traffic(server, n: int = 3, max_tokens: int = 8) -> None:
     for i in range(n):
         r = httpx.post(server.url("/v1/chat/completions"), timeout=60,
                        json={"messages": [{"role": "user", "content": f"Hello number {i}"}],
-                             "max_tokens": max_tokens, "temperature": 0.0})
+                             "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True})
         assert r.status_code == 200, r.text
 
 
@@ -106,8 +107,13 @@ def test_page_and_assets(served):
     assert "/v1/telemetry" in paths and "/v1/telemetry/requests/{request_id}" in paths and "/dashboard" not in paths
 
 
-def test_api_key_guards_the_data_not_the_page(start_server):
-    srv = start_server("--api-key", "sekret", "--max-model-len", "256", name="dashboard-key")
+@pytest.fixture(scope="module")
+def keyed(start_server):
+    return start_server("--api-key", "sekret", "--max-model-len", "256", name="dashboard-key")
+
+
+def test_api_key_guards_the_data_not_the_page(keyed):
+    srv = keyed
     assert httpx.get(srv.url("/dashboard")).status_code == 200
     for name in ASSETS:
         assert httpx.get(srv.url(f"/dashboard/static/{name}")).status_code == 200
@@ -239,3 +245,9 @@ def test_chromium_renders_heatmap_and_latency(served, tmp_path):
     cells = dom.cells["modal-heatmap"]
     assert len(cells) == layers * heads
     assert all(math.isfinite(finite(c["data-value"])) for c in cells)
+
+
+def test_chromium_asks_for_the_key(keyed, tmp_path):
+    dom = run_chromium(keyed.url("/dashboard"), tmp_path, "--dump-dom", budget_ms=3000)
+    assert 'data-state="error"' in dom
+    assert re.search(r'<form class="keybar" id="keybar">', dom), "the key form must be shown (not hidden)"
