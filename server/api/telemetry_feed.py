@@ -209,7 +209,7 @@ class TelemetryFeed:
             current = self._take(now)
             base, since = self._baseline(start)
             series = [p for p in self._ring if p.t >= base.t]
-            latency = {k: self._latency(v, start) for k, v in self._samples.items()}
+            samples = {k: list(v) for k, v in self._samples.items()}  # sorted outside the lock
             finish_reasons = dict(self._finish_reasons)
             requests = [r.summary for r in reversed(self._recent.values())][:max(0, recent)]
         st = self.engine.stats()
@@ -220,7 +220,7 @@ class TelemetryFeed:
             "window_seconds": length, "span_seconds": _num(current.t - since, 3),
             "uptime_seconds": _num(now - self._start, 3), "time": _num(self._wall(), 3),
             "heads": self._heads(current, base),
-            "latency": latency,
+            "latency": {k: self._latency(v, start) for k, v in samples.items()},
             "throughput": {
                 "generation_tokens_per_s": _num((current.generation_tokens - base.generation_tokens) / span, 3),
                 "prompt_tokens_per_s": _num((current.prompt_tokens - base.prompt_tokens) / span, 3),
@@ -251,7 +251,7 @@ class TelemetryFeed:
         return out
 
     @staticmethod
-    def _latency(samples: deque[tuple[float, float]], start: float | None) -> dict:
+    def _latency(samples: list[tuple[float, float]], start: float | None) -> dict:
         values = sorted(v for t, v in samples if start is None or t >= start)
         if not values:
             return {"count": 0, "mean": None, "max": None, **{f"p{q}": None for q in PERCENTILES}}
