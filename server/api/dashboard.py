@@ -17,7 +17,8 @@ from fastapi.responses import Response
 
 from server.api.errors import APIError, bad_request
 from server.api.streaming import dumps
-from server.api.telemetry_feed import TelemetryFeed, UnknownWindowError
+from server.api.schemas import ErrorResponse
+from server.api.telemetry_feed import WINDOWS, TelemetryFeed, UnknownWindowError
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 PAGE = "dashboard.html"
@@ -29,6 +30,13 @@ ASSETS = {  # served as /dashboard/static/<name>
 }
 DASHBOARD_PATHS = frozenset({"/dashboard", *(f"/dashboard/static/{name}" for name in ASSETS)})
 MAX_RECENT = 100
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404)}
+_QUERY = [  # parsed by hand (OpenAI-style 400s, never FastAPI's 422), documented here
+    {"name": "window", "in": "query", "required": False,
+     "schema": {"type": "string", "enum": list(WINDOWS), "default": "1m"}},
+    {"name": "recent", "in": "query", "required": False,
+     "schema": {"type": "integer", "minimum": 0, "maximum": MAX_RECENT, "default": 20}},
+]
 
 
 def _json(obj, status: int = 200) -> Response:
@@ -74,7 +82,7 @@ def dashboard_router(feed: TelemetryFeed) -> APIRouter:
             raise APIError(404, "no such route", code="not_found")
         return asset.response(request)
 
-    @router.get("/v1/telemetry", tags=["telemetry"])
+    @router.get("/v1/telemetry", tags=["telemetry"], responses=_ERRORS, openapi_extra={"parameters": _QUERY})
     async def telemetry(request: Request) -> Response:
         """Live telemetry over a window (?window=1m|5m|all, ?recent=0..100): per-(layer, head)
         means of every statistic, latency percentiles, throughput, load, counters, a short
@@ -87,7 +95,7 @@ def dashboard_router(feed: TelemetryFeed) -> APIRouter:
         except UnknownWindowError as exc:
             raise bad_request(str(exc), param="window", code="invalid_value") from None
 
-    @router.get("/v1/telemetry/requests/{request_id}", tags=["telemetry"])
+    @router.get("/v1/telemetry/requests/{request_id}", tags=["telemetry"], responses=_ERRORS)
     async def telemetry_request(request_id: str) -> Response:
         """One recently finished request: timings, token counts and its per-(layer, head) means."""
         found = feed.request(request_id)
