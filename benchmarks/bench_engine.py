@@ -67,15 +67,16 @@ def hf_generate(hf, ids: list[list[int]], new_tokens: int, pad: int) -> float:
     return time.monotonic() - t0
 
 
-def telemetry_cost(engines: dict[str, Engine], batch: int, new_tokens: int, repeats: int) -> dict:
+def telemetry_cost(engines: dict[str, Engine], batch: int, new_tokens: int, repeats: int, prompt=None) -> dict:
     """Median decode step time with telemetry on and off. Both engines run the same workload at
     once and step alternately (on, off, on, off, ...), so machine drift hits both alike."""
+    prompt = prompt or chat_ids   # prompt(engine, i) -> token ids of the i-th sequence
     times: dict[str, list[float]] = {name: [] for name in engines}
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     for _ in range(repeats):
         for eng in engines.values():
             for i in range(batch):
-                eng.add_request(chat_ids(eng, i), params)
+                eng.add_request(prompt(eng, i), params)
         steps: dict[str, list[float]] = {name: [] for name in engines}
         while any(eng.has_unfinished() for eng in engines.values()):
             for name, eng in engines.items():

@@ -1,0 +1,88 @@
+"""The engine on a CUDA device (skipped without one): greedy tokens against transformers on the
+same GPU, batched against solo, telemetry against float64 math, per-head accumulators against the
+CPU engine, and the sampled per-layer attention time through CUDA events."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from server.config import CacheConfig, EngineConfig, SchedulerConfig, TelemetryConfig
+from server.engine.attention import attend, finalize_stats
+from server.engine.engine import Engine
+from server.engine.request import SamplingParams
+from server.metrics import Metrics
+from tests.engine.test_attention import reference_row
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+PROMPTS = ["The capital of France is", "Attention heads", "Hello world! 1 2 3", "A quick brown fox",
+           "some attend to the first token", "héllo wörld", "look back over the context window", "Rome"]
+
+
+def engine_on(device: str, path: str, **telemetry) -> Engine:
+    return Engine(EngineConfig(model=path, device=device, cache=CacheConfig(num_blocks=256),
+                               scheduler=SchedulerConfig(max_model_len=1024), telemetry=TelemetryConfig(**telemetry)))
+
+
+def test_greedy_matches_transformers_on_the_gpu(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    engine = engine_on("cuda", tiny_llama_dir)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32,
+                                               attn_implementation="eager").cuda().eval()
+    for prompt in PROMPTS[:3]:
+        ids = engine.tokenize(prompt)
+        done = engine.generate([ids], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))[0]
+        with torch.no_grad():
+            want = ref.generate(torch.tensor([ids], device="cuda"), max_new_tokens=40, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        assert list(done.token_ids) == want
+
+
+def test_batched_equals_solo_and_cpu(tiny_llama_dir):
+    gpu, cpu = engine_on("cuda", tiny_llama_dir), engine_on("cpu", tiny_llama_dir)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    batched = gpu.generate(PROMPTS, params)
+    for prompt, b in zip(PROMPTS, batched):
+        assert b.token_ids == gpu.generate([prompt], params)[0].token_ids
+        assert b.token_ids == cpu.generate([prompt], params)[0].token_ids
+    seeded = [SamplingParams(max_tokens=24, temperature=0.9, top_p=0.9, seed=i, ignore_eos=True) for i in range(8)]
+    together = gpu.generate(PROMPTS, seeded)
+    for prompt, sp, t in zip(PROMPTS, seeded, together):
+        assert t.token_ids == gpu.generate([prompt], sp)[0].token_ids
+
+
+@pytest.mark.parametrize("n,qscale", [(1, 1.0), (17, 3.0), (1100, 1.0), (1100, 20.0)])
+def test_attention_telemetry_matches_float64(n, qscale):
+    g = torch.Generator().manual_seed(n)
+    heads, kv_heads, d = 9, 3, 64
+    q = torch.randn(1, heads, d, generator=g) * qscale
+    k = torch.randn(1, n, kv_heads, d, generator=g)
+    v = torch.randn(1, n, kv_heads, d, generator=g)
+    out, acc = attend(q.cuda(), k.cuda(), v.cuda(), torch.tensor([n], device="cuda"), 1.0 / math.sqrt(d),
+                      compute_stats=True)
+    stats = finalize_stats(acc, torch.tensor([n], device="cuda")).cpu()
+    ref_out, ref_stats = reference_row(q[0], k[0], v[0])
+    assert torch.allclose(out[0].cpu().double(), ref_out, atol=1e-5, rtol=1e-4)
+    assert (stats[0].double() - ref_stats).abs().max().item() < 1e-5
+
+
+def test_head_stats_and_timing_match_the_cpu_engine(tiny_llama_dir):
+    gpu = engine_on("cuda", tiny_llama_dir, attention_time_sample_rate=1.0)
+    cpu = engine_on("cpu", tiny_llama_dir)
+    metrics = Metrics(gpu, "tiny")
+    steps = []
+    gpu.add_observer(steps.append)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    gpu.generate(PROMPTS, params)
+    cpu.generate(PROMPTS, params)
+    a, b = gpu.head_stats_snapshot(), cpu.head_stats_snapshot()
+    assert torch.equal(a.counts, b.counts) and a.rows == 8 * 16
+    assert (a.means() - b.means()).abs().max().item() < 1e-4
+    layers = gpu.model_config.num_layers
+    assert all(st.attention_times is not None and len(st.attention_times) == layers for st in steps)
+    assert all(0 < t < st.step_time for st in steps for t in st.attention_times)
+    assert b"headwise_head_normalized_entropy_count" in metrics.render()
