@@ -7,8 +7,12 @@ Routes
     POST /detokenize {"tokens"} -> {"prompt"}
     GET  /health     liveness: 200 while the engine loop is alive
     GET  /ready      readiness: 503 until the model is loaded and warmed up, and while draining
-    GET  /metrics    minimal Prometheus text (running, waiting, KV blocks, admission) until the
-                     metrics module lands
+    GET  /metrics    Prometheus text: latency histograms, load, counters and per-head attention
+                     statistics (every family in docs/metrics.md)
+    GET  /dashboard  the live operations page (public; its data calls need the key when one is set)
+    GET  /v1/telemetry?window=1m|5m|all&recent=N   per-head means over a window, latency
+                     percentiles, throughput, load, recent requests (docs/telemetry-api.md)
+    GET  /v1/telemetry/requests/{id}   one recent request's per-head means
     GET  /openapi.json, /docs
 
 Request fields: OpenAI's (model, prompt / messages, max_tokens, max_completion_tokens (chat),
@@ -54,7 +58,7 @@ their KV blocks; at most max_num_seqs + --max-queue engine requests are admitted
 with n choices over p prompts counts n * p), past that 503 at once without touching the engine;
 tokenization and chat templating run in a thread pool; SIGTERM turns /ready to 503, refuses new
 requests, lets in-flight ones finish for up to --drain-timeout seconds, aborts the rest, exits 0.
---api-key guards every route except /health and /ready (and /metrics unless
---metrics-require-key), compared in constant time on SHA-256 digests; CORS is off unless
+--api-key guards every route except /health, /ready, the /dashboard page and its assets (and
+/metrics unless --metrics-require-key), compared in constant time on SHA-256 digests; CORS is off unless
 --cors-origin is given; bodies over --max-body-bytes get 413 while being read.
 """
