@@ -256,6 +256,11 @@ def write_folder(folder: str, model: GgufModel, tokenizer: PreTrainedTokenizerBa
             "source": real, "source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns,
             "converter_version": CONVERTER_VERSION, "name": model.name,
         })
+        # mkdtemp makes the folder private (0700); a converted public model is readable by all,
+        # so an image built by one user serves another's processes
+        os.chmod(tmp, 0o755)
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o644)
         try:
             os.replace(tmp, folder)
         except OSError as e:

@@ -606,6 +606,14 @@ def test_gguf_cache_key_follows_the_file(tiny_llama_gguf, tmp_path):
     assert first.startswith(os.path.join("/c", "gguf", "")) and len(os.path.basename(first)) == 16
 
 
+def test_gguf_cache_is_readable_by_other_users(tiny_llama_gguf, tmp_path):
+    path, _ = tiny_llama_gguf
+    load_model(str(path), cache_dir=str(tmp_path / "cache"))
+    folder = gguf_convert.cache_folder(str(path), str(tmp_path / "cache"))
+    assert os.stat(folder).st_mode & 0o777 == 0o755
+    assert all(os.stat(os.path.join(folder, f)).st_mode & 0o777 == 0o644 for f in os.listdir(folder))
+
+
 def test_damaged_cache_names_the_folder(tiny_llama_gguf, tmp_path):
     path, _ = tiny_llama_gguf
     load_model(str(path), cache_dir=str(tmp_path / "cache"))
