@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from benchmarks.report import emit
 from server.config import CacheConfig, EngineConfig, TelemetryConfig
 from server.engine.engine import Engine
 from server.engine.loader import default_model_path, load_model
@@ -164,10 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     res["telemetry"] = [telemetry_cost(engines, b, min(args.new_tokens, 48), args.telemetry_repeats) for b in (1, 16)]
     for row in res["telemetry"]:
         log(f"  {row}")
-    print(json.dumps(res, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    emit(res, args.json)
     return 0
 
 

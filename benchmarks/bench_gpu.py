@@ -11,7 +11,6 @@ alternating steps), and the time to render /metrics with 30 x 9 heads.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -19,6 +18,7 @@ import time
 import torch
 
 from benchmarks.bench_engine import telemetry_cost
+from benchmarks.report import emit
 from server.config import CacheConfig, EngineConfig, SchedulerConfig, TelemetryConfig
 from server.engine.engine import Engine
 from server.engine.loader import load_model
@@ -114,10 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     res["scrape_render_ms"] = (time.perf_counter() - t0) / 10 * 1000
     res["scrape_bytes"] = len(body)
     log(f"render {res['scrape_render_ms']:.1f} ms")
-    print(json.dumps(res, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    emit(res, args.json)
     return 0
 
 

@@ -12,7 +12,6 @@ tokens/s. Alternation cancels the machine's drift; read the median ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -21,6 +20,7 @@ import threading
 import time
 
 from benchmarks.bench_engine import PROMPTS
+from benchmarks.report import emit
 from server import __version__
 from server.config import CacheConfig, EngineConfig
 from server.engine.engine import Engine
@@ -111,10 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                                            "max": max(busy_renders) * 1000, "n": len(busy_renders)}
     finally:
         engine.shutdown()
-    print(json.dumps(res, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    emit(res, args.json)
     return 0
 
 
