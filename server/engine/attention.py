@@ -7,8 +7,12 @@ cached prefix.
 
 Telemetry (DESIGN.md, "Per-head telemetry"): for each row that needs it we compute, in the same
 pass that produces the attention output, the centred accumulators of a flash-style kernel with
-a single tile: m = max s, e_j = exp(s_j - m) (masked keys zeroed with a where), l = sum e,
-t = sum e (s - m) <= 0. Then entropy H = ln l - t/l (both terms >= 0, no cancellation),
+a single tile: m = max s, e_j = exp(s_j - m), l = sum e, t = sum e (s - m) <= 0. Masked keys
+get a large finite score instead of -inf, so e_j is exactly 0 there and e_j (s_j - m) is 0 too
+(0 * -inf would be NaN): no separate masking pass. The two weighted sums come out of one matmul
+of e with fixed per-key weights (j < 4, j), built once per step. The output is bit-identical
+with telemetry on or off (l is the same sum either way), so sampling telemetry never changes
+a generated token. Then entropy H = ln l - t/l (both terms >= 0, no cancellation),
 max weight 1/l, sink mass sum_{j<4} e_j / l, look-back distance (i - sum e_j j / l) / i.
 The probabilities e/l that weight V are the only ones ever formed. Each layer only carries the
 four accumulators (l, t, sink sum, position-weighted sum); finalize_stats turns every layer's
@@ -60,20 +64,30 @@ class AttentionMetadata:
     prefills: tuple[PrefillSpan, ...]
     compute_stats: bool
     sink_tokens: int = 4
+    decode_key_weights: torch.Tensor | None = None  # [N, 2] key_weights() of the decode keys, when stats
+
 
     @property
     def num_decode(self) -> int:
         return int(self.decode_rows.shape[0])
 
 
+def key_weights(n: int, sink_tokens: int, device: torch.device | str, dtype=torch.float32) -> torch.Tensor:
+    """[n, 2] per-key weights (j < sink_tokens, j): e @ key_weights = (sink sum, position sum)."""
+    pos = torch.arange(n, device=device, dtype=dtype)                # [n]
+    return torch.stack([(pos < sink_tokens).to(dtype), pos], dim=-1)  # [n, 2]
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens: torch.Tensor, scale: float,
-           compute_stats: bool, sink_tokens: int = 4) -> tuple[torch.Tensor, torch.Tensor | None]:
+           compute_stats: bool, sink_tokens: int = 4,
+           weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of one query row per sequence over its first context_lens keys, with telemetry.
 
     q [B, H, D]; k, v [B, N, KVH, D]; context_lens [B] (>= 1). The query sits at position
     context_lens - 1. Keys past a row's context are masked; their values must be finite (the
     runner points them at the cache's zero slot). Returns out [B, H, D] and the telemetry
     accumulators [B, H, NUM_ACCUMULATORS] (or None); finalize_stats turns them into statistics.
+    weights: key_weights(N, sink_tokens) when the caller has them already (built once per step).
     """
     b, h, d = q.shape
     n, kvh = k.shape[1], k.shape[2]
@@ -83,19 +97,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens: torc
     s = torch.matmul(qg, kt) * scale                                 # [B, KVH, G, N]
     pos = torch.arange(n, device=q.device)                           # [N]
     valid = (pos[None, :] < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, N]
-    s = s.masked_fill(~valid, float("-inf"))                         # [B, KVH, G, N]
-    m = s.amax(dim=-1, keepdim=True)                                 # [B, KVH, G, 1] finite: key 0 is valid
-    shifted = s - m                                                  # [B, KVH, G, N] <= 0, -inf where masked
+    # finite fill: exp(fill - m) is exactly 0 and 0 * (fill - m) is 0, where -inf would give NaN
+    s = s.masked_fill(~valid, torch.finfo(s.dtype).min / 2)          # [B, KVH, G, N]
+    m = s.amax(dim=-1, keepdim=True)                                 # [B, KVH, G, 1] a valid score: key 0 is valid
+    shifted = s - m                                                  # [B, KVH, G, N] <= 0, huge negative where masked
     e = torch.exp(shifted)                                           # [B, KVH, G, N] exactly 0 where masked
     l = e.sum(dim=-1, keepdim=True)                                  # [B, KVH, G, 1]
-    out = torch.matmul(e, v.permute(0, 2, 1, 3)) / l                 # [B, KVH, G, D]
-    out = out.reshape(b, h, d)                                       # [B, H, D]
+    out = (torch.matmul(e, v.permute(0, 2, 1, 3)) / l).reshape(b, h, d)  # [B, H, D]
     if not compute_stats:
         return out, None
-    centred = torch.where(valid, shifted, 0.0)                       # [B, KVH, G, N] 0, not -inf, where masked
-    t = (e * centred).sum(dim=-1, keepdim=True)                      # [B, KVH, G, 1] <= 0
-    marks = torch.stack([pos < sink_tokens, pos], dim=-1).to(q.dtype)  # [N, 2] sink indicator, position
-    sink_pos = torch.matmul(e, marks)                                # [B, KVH, G, 2] sum e (j < 4), sum e j
+    if weights is None:
+        weights = key_weights(n, sink_tokens, q.device, q.dtype)    # [N, 2]
+    t = (e * shifted).sum(dim=-1, keepdim=True)                      # [B, KVH, G, 1] <= 0
+    sink_pos = torch.matmul(e, weights)                              # [B, KVH, G, 2] sum e (j < 4), sum e j
     acc = torch.cat([l, t, sink_pos], dim=-1)                        # [B, KVH, G, 4]
     return out, acc.reshape(b, h, NUM_ACCUMULATORS)                  # [B, H, 4]
 
@@ -149,7 +163,7 @@ def paged_attention(layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: tor
     if meta.num_decode:
         k, v = cache.gather(layer, meta.decode_slots)                # [Bd, N, KVH, D]
         o, st = attend(q[meta.decode_rows], k, v, meta.decode_context_lens, scale,
-                       meta.compute_stats, meta.sink_tokens)         # [Bd, H, D], [Bd, H, 4]
+                       meta.compute_stats, meta.sink_tokens, meta.decode_key_weights)  # [Bd, H, D], [Bd, H, 4]
         out[meta.decode_rows] = o
         if st is not None:
             parts.append(st)
@@ -161,5 +175,5 @@ def paged_attention(layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: tor
             ctx = torch.tensor([k.shape[0]], device=q.device)        # [1]
             _, st = attend(qs[-1:], k[None], v[None], ctx, scale, True, meta.sink_tokens)  # [1, H, 4]
             parts.append(st)
-    acc = torch.cat(parts) if parts else None                        # [R, H, 4]
+    acc = (parts[0] if len(parts) == 1 else torch.cat(parts)) if parts else None  # [R, H, 4]
     return out, acc

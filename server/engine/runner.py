@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.attention import AttentionMetadata, PrefillSpan, finalize_stats
+from server.engine.attention import AttentionMetadata, PrefillSpan, finalize_stats, key_weights
 from server.engine.kv_cache import KVCache
 from server.engine.model import LlamaModel
 from server.engine.request import TokenLogprob
@@ -97,7 +97,9 @@ class ModelRunner:
             decode_slots=(self._slots(decode_tables, decode_lens).to(dev) if decode_tables
                           else torch.zeros(0, 0, dtype=torch.long, device=dev)),              # [Bd, N]
             decode_context_lens=torch.tensor(decode_lens, dtype=torch.long, device=dev),      # [Bd]
-            prefills=tuple(prefills), compute_stats=compute_stats, sink_tokens=self.sink_tokens)
+            prefills=tuple(prefills), compute_stats=compute_stats, sink_tokens=self.sink_tokens,
+            decode_key_weights=(key_weights(max(decode_lens), self.sink_tokens, dev)
+                                if compute_stats and decode_lens else None))                 # [N, 2]
         out = self.model.forward(
             torch.tensor(input_ids, dtype=torch.long, device=dev),                            # [T]
             torch.tensor(positions, dtype=torch.long, device=dev),                            # [T]

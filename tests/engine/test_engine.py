@@ -251,6 +251,21 @@ def test_request_telemetry_rows_and_sample_rate(tiny_llama_dir):
     assert r.head_telemetry.rows == 0
 
 
+def test_telemetry_never_changes_what_is_generated(tiny_llama_dir):
+    """Same tokens and the same logprobs, bit for bit, with telemetry on, off and sampled."""
+    def run(**telemetry):
+        engine = Engine(EngineConfig(model=tiny_llama_dir, cache=CacheConfig(num_blocks=128),
+                                     scheduler=SchedulerConfig(max_model_len=256),
+                                     telemetry=TelemetryConfig(**telemetry)))
+        params = [SamplingParams(max_tokens=20, temperature=t, seed=i, logprobs=1, ignore_eos=True)
+                  for i, t in enumerate((0.0, 0.8, 1.2, 0.0))]
+        return [(c.token_ids, [lp.logprob for lp in c.logprobs]) for c in engine.generate(PROMPTS[:4], params)]
+
+    on = run()
+    assert run(enabled=False) == on
+    assert run(sample_rate=0.5) == on
+
+
 def test_stale_cache_contents_never_leak(tiny_llama_dir):
     """Whatever freed blocks hold (here NaN everywhere), a new request reads only its own K/V."""
     engine = tiny_engine(tiny_llama_dir)
