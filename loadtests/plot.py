@@ -24,6 +24,7 @@ def write_png(results: Sequence[PointResult], path: str, title: str) -> None:
         raise RuntimeError("--plot needs matplotlib (pip install matplotlib)") from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     x = [r.summary.output_throughput for r in results]
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4.2), constrained_layout=True)
@@ -42,6 +43,8 @@ def write_png(results: Sequence[PointResult], path: str, title: str) -> None:
         ax.set_xlabel("output tokens/s")
         ax.set_ylabel("ms")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
