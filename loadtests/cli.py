@@ -1,4 +1,4 @@
-"""`python -m loadtests`: flags -> prompts and load points -> runs -> table, JSON, PNG.
+"""Load-test an OpenAI-compatible server with streaming requests: time to first token, time per output token, inter-token and end-to-end latency, throughput, goodput (definitions and histogram boundaries: headwise's; against headwise, its /metrics view is shown beside the client's).
 
 Examples
     python -m loadtests --concurrency 4 --num-requests 32
