@@ -1,12 +1,14 @@
 """Prometheus scrape cost: how long one /metrics render takes with all 30 x 9 heads of the default
 model, and how much scraping slows decoding under load.
 
-    .venv/bin/python -m benchmarks.bench_scrape [--rounds 4] [--interval 1.0] [--json out.json]
+    .venv/bin/python -m benchmarks.bench_scrape [--phases 20] [--phase-seconds 3] [--json out.json]
 
-Decode slowdown: the engine runs its background loop with 16 concurrent sequences; phases with
-a scraper (one render every --interval seconds on its own thread, as the /metrics route does off
-the event loop) alternate with phases without, and each pair gives a ratio of aggregate decode
-tokens/s. Alternation cancels the machine's drift; read the median ratio.
+Decode slowdown: the engine runs its background loop with 16 sequences always in flight (a
+feeder replaces each finished one). Short phases with a scraper (one render every --interval
+seconds on its own thread, as the /metrics route does off the event loop) alternate with phases
+without; generated tokens per second are counted per phase from the engine's own step
+observer. Alternating every few seconds cancels the machine's drift. The same is repeated at
+10 scrapes per second, which magnifies the cost tenfold above the noise.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import statistics
 import sys
 import threading
 import time
+
+import torch
 
 from benchmarks.bench_engine import PROMPTS
 from benchmarks.report import emit
@@ -33,16 +37,63 @@ def log(msg: str) -> None:
     print(f"[bench_scrape] {msg}", file=sys.stderr, flush=True)
 
 
-def decode_rate(engine: Engine, batch: int, new_tokens: int) -> float:
-    """Aggregate decode tokens/s of `batch` concurrent sequences (prefill excluded)."""
-    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    ids = [engine.chat_prompt([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]) for i in range(batch)]
-    rids = [engine.add_request(x, params) for x in ids]
-    done = [engine.collect(r) for r in rids]
-    start = max(d.stats.time_to_first_token for d in done)          # every sequence decoding from here
-    end = max(d.stats.e2e_latency for d in done)
-    tokens = sum(len(d.token_ids) - 1 for d in done)
-    return tokens / (end - start)
+class Load:
+    """Keeps `batch` greedy sequences decoding on a started engine until stopped."""
+
+    def __init__(self, engine: Engine, batch: int, new_tokens: int) -> None:
+        self.engine, self.batch = engine, batch
+        self.params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+        self.ids = [engine.chat_prompt([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]) for i in range(batch)]
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(batch)]
+
+    def _run(self, i: int) -> None:
+        while not self._stop.is_set():
+            self.engine.collect(self.engine.add_request(self.ids[i], self.params))
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+
+class TokenClock:
+    """Engine observer: (time, tokens sampled) of every step."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[float, int]] = []
+
+    def __call__(self, step) -> None:
+        self.steps.append((time.monotonic(), step.num_sampled))
+
+    def rate(self, start: float, end: float) -> float:
+        return sum(n for t, n in self.steps if start <= t < end) / (end - start)
+
+
+def alternate(metrics: Metrics, clock: TokenClock, interval: float, phases: int, seconds: float) -> dict:
+    """Phases without and with scraping, alternating; tokens/s of each pair and their ratio."""
+    pairs, renders = [], []
+    for _ in range(phases // 2):
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        t1 = time.monotonic()
+        with Scraper(metrics, interval) as scraper:
+            time.sleep(seconds)
+        t2 = time.monotonic()
+        renders.extend(scraper.times)
+        pairs.append((clock.rate(t0, t1), clock.rate(t1, t2)))
+    without = statistics.mean(p[0] for p in pairs)
+    with_ = statistics.mean(p[1] for p in pairs)
+    ratios = [b / a for a, b in pairs]
+    return {"interval_s": interval, "pairs": len(pairs), "tokens_per_s_without": without, "tokens_per_s_with": with_,
+            "slowdown_pct": (1 - with_ / without) * 100, "pair_ratio_median": statistics.median(ratios),
+            "pair_ratio_range": [min(ratios), max(ratios)], "scrapes": len(renders),
+            "render_ms_under_load_median": statistics.median(renders) * 1000 if renders else None}
 
 
 class Scraper:
@@ -71,44 +122,43 @@ class Scraper:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=4, help="pairs of phases, without and with scraping (default 4)")
+    ap.add_argument("--phases", type=int, default=20, help="phases per scrape rate, half with scraping (default 20)")
+    ap.add_argument("--phase-seconds", type=float, default=3.0)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--interval", type=float, default=1.0, help="seconds between scrapes (default 1)")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--intervals", default="1.0,0.1", help="seconds between scrapes, one run each (default 1.0,0.1)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of the engine (default: torch's)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    engine = Engine(EngineConfig(cache=CacheConfig(memory_bytes=1 << 30)), loaded=load_model(None, progress=log))
+    engine = Engine(EngineConfig(cache=CacheConfig(memory_bytes=1 << 30), num_threads=args.threads),
+                    loaded=load_model(None, progress=log))
     metrics = Metrics(engine, "SmolLM2-135M-Instruct", __version__)
+    clock = TokenClock()
+    engine.add_observer(clock)
     engine.start()
     try:
         log("warm-up (fills the accumulators of all 270 heads)")
-        decode_rate(engine, 2, 8)
+        engine.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0))
         renders = []
         for _ in range(20):
             t0 = time.perf_counter()
             body = metrics.render()
             renders.append(time.perf_counter() - t0)
         res: dict = {"machine": f"{os.cpu_count()} cores, {platform.machine()}", "date": time.strftime("%Y-%m-%d"),
+                     "load_average_before": os.getloadavg(),
                      "render_ms_idle": {"median": statistics.median(renders) * 1000, "max": max(renders) * 1000},
-                     "scrape_bytes": len(body), "series": sum(1 for line in body.splitlines() if not line.startswith(b"#")),
-                     "interval_s": args.interval, "batch": args.batch, "pairs": []}
+                     "scrape_bytes": len(body),
+                     "series": sum(1 for line in body.splitlines() if not line.startswith(b"#")),
+                     "batch": args.batch, "torch_threads": torch.get_num_threads(), "runs": []}
         log(f"render idle: {res['render_ms_idle']}, {res['series']} series, {len(body)} bytes")
-        busy_renders: list[float] = []
-        for r in range(args.rounds):
-            plain = decode_rate(engine, args.batch, args.new_tokens)
-            with Scraper(metrics, args.interval) as scraper:
-                scraped = decode_rate(engine, args.batch, args.new_tokens)
-            busy_renders.extend(scraper.times)
-            res["pairs"].append({"without": plain, "with": scraped, "ratio": scraped / plain,
-                                 "scrapes": len(scraper.times)})
-            log(f"round {r + 1}: {res['pairs'][-1]}")
-        ratios = [p["ratio"] for p in res["pairs"]]
-        res["decode_ratio_median"] = statistics.median(ratios)
-        res["decode_slowdown_pct_median"] = (1 - statistics.median(ratios)) * 100
-        if busy_renders:
-            res["render_ms_under_load"] = {"median": statistics.median(busy_renders) * 1000,
-                                           "max": max(busy_renders) * 1000, "n": len(busy_renders)}
+        with Load(engine, args.batch, args.new_tokens):
+            time.sleep(args.phase_seconds)                              # reach a steady batch
+            for interval in (float(x) for x in args.intervals.split(",")):
+                run = alternate(metrics, clock, interval, args.phases, args.phase_seconds)
+                res["runs"].append(run)
+                log(str(run))
+        res["load_average_after"] = os.getloadavg()
     finally:
         engine.shutdown()
     emit(res, args.json)

@@ -6,9 +6,11 @@ observations exactly as the server does, and server- and client-side percentiles
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-
+import bisect
+import itertools
 import math
+import threading
+from collections.abc import Callable, Mapping, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
@@ -81,12 +83,9 @@ class Metrics:
         self._success = {r: success.labels(model, r) for r in FINISH_REASONS}
         self._errors = Counter("headwise_request_errors", "Requests ended by an engine failure.",
                                ["model"], registry=self.registry).labels(model)
-        attention = Histogram("headwise_layer_attention_time_seconds",
-                              "Attention time of one layer in one engine step (telemetry included), sampled steps.",
-                              ["model", "layer"], buckets=ATTENTION_TIME_BUCKETS, registry=self.registry)
-        self._attention = [attention.labels(model, str(i)) for i in range(engine.model_config.num_layers)]
         self.registry.register(_EngineCollector(self, version))
         mc = engine.model_config
+        self.attention = LayerHistograms(mc.num_layers, ATTENTION_TIME_BUCKETS)
         self.heads = HeadStatsExposition(model, mc.num_layers, mc.num_heads, mc.num_kv_heads)
         engine.add_observer(self.observe_step)
 
@@ -115,12 +114,12 @@ class Metrics:
                 if st.num_output_tokens > 1:
                     self._tpot.observe(st.decode_time / (st.num_output_tokens - 1))
         if step.attention_times is not None:
-            for child, t in zip(self._attention, step.attention_times):
-                child.observe(t)
+            self.attention.observe(step.attention_times)
 
     def render(self) -> bytes:
         """The whole exposition, Prometheus text format 0.0.4 (content_type)."""
-        return generate_latest(self.registry) + self.heads.render(self.engine.head_stats_snapshot()).encode()
+        text = self.heads.render(self.engine.head_stats_snapshot(), self.attention.snapshot())
+        return generate_latest(self.registry) + text.encode()
 
 
 class _EngineCollector:
@@ -176,10 +175,35 @@ class _EngineCollector:
         yield info
 
 
+class LayerHistograms:
+    """One histogram per layer, kept as plain counts (the sampled attention times: 30 series of
+    ~17 lines, which prometheus_client's generic path would spend most of a scrape formatting).
+    observe() runs on the engine thread, snapshot() on the scrape's."""
+
+    def __init__(self, num_layers: int, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self._counts = [[0] * (len(buckets) + 1) for _ in range(num_layers)]  # L x (NB+1), non-cumulative
+        self._sums = [0.0] * num_layers
+        self._lock = threading.Lock()
+
+    def observe(self, values: Sequence[float]) -> None:
+        """One value per layer. Bucket b counts values <= buckets[b] (Prometheus "le")."""
+        with self._lock:
+            for layer, v in enumerate(values):
+                self._counts[layer][bisect.bisect_left(self.buckets, v)] += 1
+                self._sums[layer] += v
+
+    def snapshot(self) -> tuple[list[list[int]], list[float]]:
+        """(cumulative counts L x (NB+1), sums L)."""
+        with self._lock:
+            return [list(itertools.accumulate(row)) for row in self._counts], list(self._sums)
+
+
 class HeadStatsExposition:
     """Prometheus text for one HeadStats snapshot: per-(layer, head) summaries (sum and count) of
-    each statistic, the per-layer normalized-entropy histogram, the telemetry row counter, and
-    per-(layer, head) histograms when the engine keeps them. Label strings are built once."""
+    each statistic, the per-layer normalized-entropy histogram, the telemetry row counter,
+    per-(layer, head) histograms when the engine keeps them, and the per-layer attention time
+    histogram. Label strings are built once."""
 
     def __init__(self, model: str, num_layers: int, num_heads: int, num_kv_heads: int) -> None:
         m = _escape(model)
@@ -190,7 +214,7 @@ class HeadStatsExposition:
                              for h in range(num_heads)] for layer in range(num_layers)]
         self.layer_labels = [f'layer="{layer}",model="{m}"' for layer in range(num_layers)]
 
-    def render(self, hs) -> str:
+    def render(self, hs, attention: tuple[list[list[int]], list[float]]) -> str:
         out: list[str] = []
         _family(out, "headwise_telemetry_rows_total", "counter",
                 "Telemetry rows aggregated: one per generated token whose step computed telemetry.")
@@ -203,24 +227,36 @@ class HeadStatsExposition:
             for lab_row, c_row, s_row in zip(self.head_labels, counts, sums[s]):
                 for lab, c, v in zip(lab_row, c_row, s_row):
                     out.append(f"{name}_sum{lab} {_num(v)}\n{name}_count{lab} {c}\n")
-        bounds = [repr(float(b)) for b in hs.buckets] + ["+Inf"]
+        bounds = _bounds(hs.buckets)
         name = "headwise_layer_normalized_entropy"
         _family(out, name, "histogram", "Normalized entropy of every head's telemetry rows, per layer.")
-        cumulative = hs.histogram.cumsum(dim=1).tolist()              # L x (NB+1)
-        for lab, hist, total in zip(self.layer_labels, cumulative, hs.histogram_sum.tolist()):
-            out.extend(f'{name}_bucket{{{lab},le="{le}"}} {c}\n' for le, c in zip(bounds, hist))
-            out.append(f"{name}_sum{{{lab}}} {_num(total)}\n{name}_count{{{lab}}} {hist[-1]}\n")
+        _histograms(out, name, self.layer_labels, hs.histogram.cumsum(dim=1).tolist(), hs.histogram_sum.tolist(),
+                    bounds)
+        name = "headwise_layer_attention_time_seconds"
+        _family(out, name, "histogram", "Attention time of one layer in one engine step (telemetry included), "
+                                        "on sampled steps.")
+        _histograms(out, name, self.layer_labels, *attention, _bounds(ATTENTION_TIME_BUCKETS))
         if hs.head_histogram is not None:
             name = "headwise_head_normalized_entropy_distribution"
             _family(out, name, "histogram", "Normalized entropy per (layer, head); behind a flag (high cardinality).")
             cumulative = hs.head_histogram.cumsum(dim=2).tolist()     # L x H x (NB+1)
             ne_sums = sums[hs.stat_names.index("normalized_entropy")]   # L x H
             for lab_row, hist_row, sum_row in zip(self.head_labels, cumulative, ne_sums):
-                for lab, hist, total in zip(lab_row, hist_row, sum_row):
-                    inner = lab[1:-1]
-                    out.extend(f'{name}_bucket{{{inner},le="{le}"}} {c}\n' for le, c in zip(bounds, hist))
-                    out.append(f"{name}_sum{lab} {_num(total)}\n{name}_count{lab} {hist[-1]}\n")
+                _histograms(out, name, [lab[1:-1] for lab in lab_row], hist_row, sum_row, bounds)
         return "".join(out)
+
+
+def _bounds(buckets: Sequence[float]) -> list[str]:
+    return [repr(float(b)) for b in buckets] + ["+Inf"]
+
+
+def _histograms(out: list[str], name: str, labels: Sequence[str], cumulative: Sequence[Sequence[int]],
+                sums: Sequence[float], bounds: Sequence[str]) -> None:
+    """Histogram series: labels[i] is the inside of a label set ('a="x",b="y"'); cumulative[i]
+    its bucket counts with +Inf last; sums[i] its sum."""
+    for lab, hist, total in zip(labels, cumulative, sums):
+        out.extend(f'{name}_bucket{{{lab},le="{le}"}} {c}\n' for le, c in zip(bounds, hist))
+        out.append(f"{name}_sum{{{lab}}} {_num(total)}\n{name}_count{{{lab}}} {hist[-1]}\n")
 
 
 def _family(out: list[str], name: str, kind: str, doc: str) -> None:
