@@ -7,7 +7,7 @@
 set -euo pipefail
 
 PACKAGES=(
-  prometheus   # promtool: checks deploy/prometheus/*.yml (tests/deploy)
+  prometheus         # promtool and the Prometheus server (tests/test_metrics.py, tests/deploy)
   chromium           # headless browser: loads /dashboard (tests/api/test_dashboard.py)
   fonts-dejavu-core  # a font for the dashboard's text in headless Chromium
 )
