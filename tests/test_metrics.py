@@ -265,13 +265,24 @@ def test_scrape_under_load_passes_promtool_and_counts_rejections(tiny_server):
     # rejections by reason: a bad body, a prompt over the window, a full queue (capacity 4)
     assert httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": -1}).status_code == 400
     assert httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 10_000}).status_code == 400
-    blockers = threading.Thread(target=concurrently, args=(4, stream_completion, url, "Hello", 40))
-    blockers.start()
-    deadline = time.monotonic() + 60
-    while metric(tiny_server, "headwise_api_requests_in_flight") < 4 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    streaming, stop = threading.Barrier(5), threading.Event()
+
+    def hold():   # one of 4 long streams that fill the server's capacity until `stop`
+        body = {"prompt": "Hello", "max_tokens": 240, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+            streaming.wait(60)
+            for _ in r.iter_lines():
+                if stop.is_set():
+                    return
+
+    holders = [threading.Thread(target=hold) for _ in range(4)]
+    for t in holders:
+        t.start()
+    streaming.wait(60)
     assert httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 503
-    blockers.join()
+    stop.set()
+    for t in holders:
+        t.join(120)
     for reason, n in (("invalid_request", 1), ("context_length_exceeded", 1), ("queue_full", 1), ("draining", 0)):
         assert metric(tiny_server, "headwise_requests_rejected_total", reason=reason) == n, reason
 
