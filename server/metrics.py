@@ -38,6 +38,23 @@ HEAD_FAMILIES = {
     "lookback_distance": ("headwise_head_lookback_distance",
                           "Mean attended distance as a fraction of the context: 0 = self, 1 = start (sum and count)."),
 }
+# Latency histograms (vLLM's semantics): key -> (name, help, buckets).
+LATENCY_HISTOGRAMS = {
+    "ttft": ("headwise_time_to_first_token_seconds", "Time from arrival to the first generated token.",
+             TTFT_BUCKETS),
+    "itl": ("headwise_inter_token_latency_seconds", "Time between two consecutive generated tokens of a request.",
+            TOKEN_LATENCY_BUCKETS),
+    "tpot": ("headwise_request_time_per_output_token_seconds",
+             "Per finished request: decode time / (output tokens - 1).", TOKEN_LATENCY_BUCKETS),
+    "e2e": ("headwise_e2e_request_latency_seconds", "Time from arrival to the end of a finished request.",
+            REQUEST_LATENCY_BUCKETS),
+    "queue": ("headwise_request_queue_time_seconds", "Time from arrival to first scheduling.",
+              REQUEST_LATENCY_BUCKETS),
+    "prefill": ("headwise_request_prefill_time_seconds", "Time from first scheduling to the first token.",
+                REQUEST_LATENCY_BUCKETS),
+    "decode": ("headwise_request_decode_time_seconds", "Time from the first token to the last.",
+               REQUEST_LATENCY_BUCKETS),
+}
 FINISH_REASONS = ("stop", "length", "abort")
 REJECT_REASONS = ("queue_full", "draining", "invalid_request", "context_length_exceeded")
 
@@ -61,23 +78,8 @@ class Metrics:
         self._api_in_flight: Callable[[], int] = lambda: 0
         self._api_rejected: Callable[[], Mapping[str, int]] = dict
 
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]):
-            return Histogram(name, doc, ["model"], buckets=buckets, registry=self.registry).labels(model)
-
-        self._ttft = histogram("headwise_time_to_first_token_seconds",
-                               "Time from arrival to the first generated token.", TTFT_BUCKETS)
-        self._itl = histogram("headwise_inter_token_latency_seconds",
-                              "Time between two consecutive generated tokens of a request.", TOKEN_LATENCY_BUCKETS)
-        self._tpot = histogram("headwise_request_time_per_output_token_seconds",
-                               "Per finished request: decode time / (output tokens - 1).", TOKEN_LATENCY_BUCKETS)
-        self._e2e = histogram("headwise_e2e_request_latency_seconds",
-                              "Time from arrival to the end of a finished request.", REQUEST_LATENCY_BUCKETS)
-        self._queue = histogram("headwise_request_queue_time_seconds",
-                                "Time from arrival to first scheduling.", REQUEST_LATENCY_BUCKETS)
-        self._prefill = histogram("headwise_request_prefill_time_seconds",
-                                  "Time from first scheduling to the first token.", REQUEST_LATENCY_BUCKETS)
-        self._decode = histogram("headwise_request_decode_time_seconds",
-                                 "Time from the first token to the last.", REQUEST_LATENCY_BUCKETS)
+        self._latency = {key: Histogram(name, doc, ["model"], buckets=buckets, registry=self.registry).labels(model)
+                         for key, (name, doc, buckets) in LATENCY_HISTOGRAMS.items()}
         success = Counter("headwise_request_success", "Finished requests by finish reason.",
                           ["model", "finished_reason"], registry=self.registry)
         self._success = {r: success.labels(model, r) for r in FINISH_REASONS}
@@ -95,24 +97,25 @@ class Metrics:
 
     def observe_step(self, step) -> None:
         """Engine observer (engine thread): one StepStats."""
+        h = self._latency
         for t in step.time_to_first_token:
-            self._ttft.observe(t)
+            h["ttft"].observe(t)
         for t in step.inter_token_latencies:
-            self._itl.observe(t)
+            h["itl"].observe(t)
         for f in step.finished:
             st = f.stats
             if f.finish_reason.value == "error":
                 self._errors.inc()
             else:
                 self._success[f.finish_reason.value].inc()
-            self._e2e.observe(st.e2e_latency)
-            self._queue.observe(st.queue_time)
+            h["e2e"].observe(st.e2e_latency)
+            h["queue"].observe(st.queue_time)
             if st.prefill_time is not None:
-                self._prefill.observe(st.prefill_time)
+                h["prefill"].observe(st.prefill_time)
             if st.decode_time is not None:
-                self._decode.observe(st.decode_time)
+                h["decode"].observe(st.decode_time)
                 if st.num_output_tokens > 1:
-                    self._tpot.observe(st.decode_time / (st.num_output_tokens - 1))
+                    h["tpot"].observe(st.decode_time / (st.num_output_tokens - 1))
         if step.attention_times is not None:
             self.attention.observe(step.attention_times)
 

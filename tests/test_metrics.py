@@ -27,7 +27,7 @@ from server.engine.attention import STAT_NAMES
 from server.engine.engine import Engine
 from server.engine.request import FinishReason, SamplingParams
 from server.metrics import (HEAD_FAMILIES, REQUEST_LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS, TTFT_BUCKETS, Metrics)
-from tests.api.conftest import ServerProcess, free_port, metric
+from tests.api.conftest import ServerProcess, free_port, held_streams, metric
 
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")
@@ -265,24 +265,9 @@ def test_scrape_under_load_passes_promtool_and_counts_rejections(tiny_server):
     # rejections by reason: a bad body, a prompt over the window, a full queue (capacity 4)
     assert httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": -1}).status_code == 400
     assert httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 10_000}).status_code == 400
-    streaming, stop = threading.Barrier(5), threading.Event()
-
-    def hold():   # one of 4 long streams that fill the server's capacity until `stop`
-        body = {"prompt": "Hello", "max_tokens": 240, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
-            streaming.wait(60)
-            for _ in r.iter_lines():
-                if stop.is_set():
-                    return
-
-    holders = [threading.Thread(target=hold) for _ in range(4)]
-    for t in holders:
-        t.start()
-    streaming.wait(60)
-    assert httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 503
-    stop.set()
-    for t in holders:
-        t.join(120)
+    long_stream = {"prompt": "Hello", "max_tokens": 240, "ignore_eos": True, "stream": True}
+    with held_streams(url + "/v1/completions", long_stream, 4):   # the server's whole capacity
+        assert httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 503
     for reason, n in (("invalid_request", 1), ("context_length_exceeded", 1), ("queue_full", 1), ("draining", 0)):
         assert metric(tiny_server, "headwise_requests_rejected_total", reason=reason) == n, reason
 

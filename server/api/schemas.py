@@ -201,7 +201,7 @@ class Usage(_Doc):
 
 
 class Timings(_Doc):
-    """Seconds (time.monotonic based) and the decode rate of a request; see docs/api.md."""
+    """Seconds (time.monotonic based) and the decode rate of a request (server/api/__init__.py, "Extra response fields")."""
 
     queue_time: float
     time_to_first_token: float | None = None
@@ -211,22 +211,32 @@ class Timings(_Doc):
     decode_tokens_per_s: float | None = None
 
 
-class CompletionChoice(_Doc):
+class _Choice(_Doc):
+    """Fields every choice has, in completions and chat alike."""
+
     index: int
-    text: str
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
 
 
-class CompletionResponse(_Doc):
+class _Response(_Doc):
+    """Fields of every non-streamed generation response."""
+
     id: str
-    object: Literal["text_completion"]
     created: int
     model: str
-    choices: list[CompletionChoice]
     usage: Usage
     timings: Timings | None = None
     head_telemetry: RequestHeadTelemetry | None = None  # the engine's contract type (DESIGN.md)
+
+
+class CompletionChoice(_Choice):
+    text: str
+
+
+class CompletionResponse(_Response):
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
 
 
 class ChatCompletionMessage(_Doc):
@@ -234,22 +244,13 @@ class ChatCompletionMessage(_Doc):
     content: str | None = None
 
 
-class ChatCompletionChoice(_Doc):
-    index: int
+class ChatCompletionChoice(_Choice):
     message: ChatCompletionMessage
-    logprobs: dict[str, Any] | None = None
-    finish_reason: str | None = None
 
 
-class ChatCompletionResponse(_Doc):
-    id: str
+class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"]
-    created: int
-    model: str
     choices: list[ChatCompletionChoice]
-    usage: Usage
-    timings: Timings | None = None
-    head_telemetry: RequestHeadTelemetry | None = None  # the engine's contract type (DESIGN.md)
 
 
 class ModelCard(_Doc):

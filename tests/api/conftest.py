@@ -3,11 +3,13 @@ waited for until /ready answers 200, stopped at the end of the session (or of th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -118,6 +120,32 @@ def client(server):
 @pytest.fixture(scope="session")
 def model_id(server) -> str:
     return httpx.get(server.url("/v1/models")).json()["data"][0]["id"]
+
+
+@contextlib.contextmanager
+def held_streams(url: str, body: dict, n: int, timeout: float = 120.0):
+    """n streamed requests of `body` to `url`, held open until the block ends (then each client
+    closes its stream). The block is entered once all n have their response headers, i.e. once
+    the server has admitted every one of them."""
+    started, stop = threading.Barrier(n + 1), threading.Event()
+
+    def hold() -> None:
+        with httpx.stream("POST", url, json=body, timeout=timeout) as r:
+            started.wait(timeout)
+            for _ in r.iter_lines():
+                if stop.is_set():
+                    return
+
+    threads = [threading.Thread(target=hold) for _ in range(n)]
+    for t in threads:
+        t.start()
+    started.wait(timeout)
+    try:
+        yield
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout)
 
 
 def metric(server: ServerProcess, name: str, headers: dict | None = None, **labels: str) -> float:

@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from tests.api.conftest import ROOT, metric
+from tests.api.conftest import ROOT, held_streams, metric
 from tests.api.test_bad_input import assert_error_shape
 
 LONG = {"prompt": "Hello", "ignore_eos": True, "stream": True, "temperature": 0.8}
@@ -110,35 +110,18 @@ def overload_server(secured_and_overload):
 
 def test_overload_answers_503_with_retry_after(overload_server):
     srv = overload_server
-    body = {**LONG, "max_tokens": 480}
-    stop = threading.Event()
-    started = threading.Barrier(3)
-
-    def hold():
-        with httpx.stream("POST", srv.url("/v1/completions"), json=body, timeout=60) as r:
-            started.wait()
-            for _ in r.iter_lines():
-                if stop.is_set():
-                    return
-
-    threads = [threading.Thread(target=hold) for _ in range(2)]
-    for t in threads:
-        t.start()
-    started.wait(timeout=30)
-    t0 = time.monotonic()
-    r = httpx.post(srv.url("/v1/completions"), json={"prompt": "Hi", "max_tokens": 2})
-    assert time.monotonic() - t0 < 0.5
-    err = assert_error_shape(r, 503)
-    assert err["code"] == "server_is_overloaded" and int(r.headers["retry-after"]) >= 1
-    with openai.OpenAI(base_url=srv.url("/v1"), api_key="x", max_retries=0) as c:
-        with pytest.raises(openai.InternalServerError) as e:
-            c.chat.completions.create(model=c.models.list().data[0].id, messages=[{"role": "user", "content": "Hi"}],
-                                      max_tokens=2)
-        assert e.value.status_code == 503
-    assert metric(srv, "headwise_requests_rejected_total", reason="queue_full") == 2
-    stop.set()
-    for t in threads:
-        t.join(30)
+    with held_streams(srv.url("/v1/completions"), {**LONG, "max_tokens": 480}, 2, timeout=60):
+        t0 = time.monotonic()
+        r = httpx.post(srv.url("/v1/completions"), json={"prompt": "Hi", "max_tokens": 2})
+        assert time.monotonic() - t0 < 0.5
+        err = assert_error_shape(r, 503)
+        assert err["code"] == "server_is_overloaded" and int(r.headers["retry-after"]) >= 1
+        with openai.OpenAI(base_url=srv.url("/v1"), api_key="x", max_retries=0) as c:
+            with pytest.raises(openai.InternalServerError) as e:
+                c.chat.completions.create(model=c.models.list().data[0].id,
+                                          messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+            assert e.value.status_code == 503
+        assert metric(srv, "headwise_requests_rejected_total", reason="queue_full") == 2
     wait_idle(srv, 2.0)
     assert httpx.post(srv.url("/v1/completions"), json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
 
