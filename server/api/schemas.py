@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from server.engine.request import MAX_LOGPROBS, RequestHeadTelemetry
@@ -47,6 +47,8 @@ class StreamOptions(_Strict):
 
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+# free-form keyword arguments for the chat template, with no NaN or Infinity anywhere inside
+ChatTemplateKwargs = Annotated[dict[str, Any] | None, AfterValidator(_check_finite_json)]
 
 
 class _SamplingFields(_Strict):
@@ -144,12 +146,7 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
     add_generation_prompt: bool | None = True
-    chat_template_kwargs: dict[str, Any] | None = None
-
-    @field_validator("chat_template_kwargs")
-    @classmethod
-    def _finite_kwargs(cls, v: Any) -> Any:
-        return _check_finite_json(v)
+    chat_template_kwargs: ChatTemplateKwargs = None
 
 
 class TokenizeRequest(_Strict):
@@ -160,13 +157,8 @@ class TokenizeRequest(_Strict):
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_special_tokens: bool | None = True
     add_generation_prompt: bool | None = True
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: ChatTemplateKwargs = None
     return_token_strs: bool | None = False
-
-    @field_validator("chat_template_kwargs")
-    @classmethod
-    def _finite_kwargs(cls, v: Any) -> Any:
-        return _check_finite_json(v)
 
 
 class DetokenizeRequest(_Strict):
