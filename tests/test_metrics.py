@@ -23,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.config import CacheConfig, EngineConfig, SchedulerConfig, TelemetryConfig
-from server.engine.attention import STAT_NAMES
+from server.engine.telemetry import STAT_NAMES
 from server.engine.engine import Engine
 from server.engine.request import FinishReason, SamplingParams
 from server.metrics import (HEAD_FAMILIES, REQUEST_LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS, TTFT_BUCKETS, Metrics)

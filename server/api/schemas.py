@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from server.engine.request import MAX_LOGPROBS, RequestHeadTelemetry
+from server.engine.request import MAX_LOGPROBS
+from server.engine.telemetry import RequestHeadTelemetry
 
 MAX_NAME_CHARS = 256
 

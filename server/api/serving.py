@@ -31,7 +31,8 @@ from server.api.errors import APIError, bad_request, echo, from_validation_error
 from server.api.schemas import (ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                                 TokenizeRequest, _SamplingFields)
 from server.engine.errors import EngineDeadError, InvalidRequestError
-from server.engine.request import FinishReason, SamplingParams, TokenEvent
+from server.engine.output import TokenEvent
+from server.engine.request import FinishReason, SamplingParams
 
 log = logging.getLogger("headwise.api")
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.api.errors import error_event
-from server.engine.request import FinishReason, RequestStats, TokenEvent, TokenLogprob
+from server.engine.output import TokenEvent
+from server.engine.request import FinishReason, RequestStats, TokenLogprob
 
 log = logging.getLogger("headwise.api")
 

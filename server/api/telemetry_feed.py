@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.attention import STAT_NAMES
+from server.engine.telemetry import STAT_NAMES
 
 WINDOWS: dict[str, float | None] = {"1m": 60.0, "5m": 300.0, "all": None}
 PERCENTILES = (50, 90, 95, 99)

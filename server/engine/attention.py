@@ -31,13 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from server.engine.kv_cache import KVCache
-
-# Column order of a stats tensor [..., NUM_STATS].
-STAT_NAMES = ("entropy", "normalized_entropy", "max_weight", "sink_mass", "lookback_distance")
-NUM_STATS = len(STAT_NAMES)
-# What attention carries per (row, head) besides its output: l, t, sink sum, position-weighted sum.
-NUM_ACCUMULATORS = 4
-
+from server.engine.telemetry import NUM_ACCUMULATORS, key_weights
 
 @dataclass(frozen=True)
 class PrefillSpan:
@@ -70,12 +64,6 @@ class AttentionMetadata:
     @property
     def num_decode(self) -> int:
         return int(self.decode_rows.shape[0])
-
-
-def key_weights(n: int, sink_tokens: int, device: torch.device | str, dtype=torch.float32) -> torch.Tensor:
-    """[n, 2] per-key weights (j < sink_tokens, j): e @ key_weights = (sink sum, position sum)."""
-    pos = torch.arange(n, device=device, dtype=dtype)                # [n]
-    return torch.stack([(pos < sink_tokens).to(dtype), pos], dim=-1)  # [n, 2]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens: torch.Tensor, scale: float,
@@ -112,22 +100,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens: torc
     sink_pos = torch.matmul(e, weights)                              # [B, KVH, G, 2] sum e (j < 4), sum e j
     acc = torch.cat([l, t, sink_pos], dim=-1)                        # [B, KVH, G, 4]
     return out, acc.reshape(b, h, NUM_ACCUMULATORS)                  # [B, H, 4]
-
-
-def finalize_stats(acc: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
-    """Accumulators -> statistics, for any number of rows at once (one call per step).
-
-    acc [..., H, 4] holds (l, t, sum_{j<4} e_j, sum e_j j) in the frame of the row maximum;
-    context_lens [...] is each row's key count n (query position n - 1), broadcastable to
-    acc's leading dims. Returns [..., H, NUM_STATS] in STAT_NAMES order.
-    """
-    l, t, sink, pos_sum = acc.unbind(dim=-1)                         # [..., H] each
-    n = context_lens.to(acc.dtype)[..., None]                        # [..., 1]
-    entropy = torch.log(l) - t / l                                   # [..., H] both terms >= 0
-    norm_entropy = torch.where(n > 1, entropy / torch.log(n).clamp_min(1e-30), 0.0)  # [..., H]
-    i = n - 1                                                        # [..., 1] query position
-    lookback = torch.where(i > 0, (i - pos_sum / l) / i.clamp_min(1.0), 0.0)  # [..., H]
-    return torch.stack([entropy, norm_entropy, 1.0 / l, sink / l, lookback], dim=-1)  # [..., H, 5]
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -27,12 +27,12 @@ from server.engine.errors import ContextLengthExceededError, EngineDeadError, In
 from server.engine.kv_cache import KVCache, num_blocks_for
 from server.engine.loader import LoadedModel, load_model
 from server.engine.model import LlamaModel
-from server.engine.request import (FinishReason, Request, RequestHeadTelemetry, RequestStats, RequestStatus,
-                                   SamplingParams, TokenEvent)
+from server.engine.output import EventFold, TokenEvent
+from server.engine.request import FinishReason, Request, RequestStats, RequestStatus, SamplingParams
 from server.engine.runner import ModelRunner, StepOutput
 from server.engine.scheduler import Batch, Scheduler
 from server.engine.streams import RequestStream
-from server.engine.telemetry import HeadStats, HeadStatsAccumulator, RequestTelemetry
+from server.engine.telemetry import HeadStats, HeadStatsAccumulator, RequestHeadTelemetry, RequestTelemetry
 
 log = logging.getLogger("headwise.engine")
 
@@ -465,17 +465,14 @@ class Engine:
 
     def collect(self, request_id: str) -> Completion:
         """Consume a request's stream and assemble the Completion."""
-        texts, tokens, lps = [], [], []
-        req_prompt = self._stream_of(request_id).prompt_token_ids
-        final = None
+        prompt = self._stream_of(request_id).prompt_token_ids
+        fold = EventFold()
         for ev in self.stream(request_id):
-            texts.append(ev.text)
-            tokens.extend(ev.token_ids)
-            if ev.logprobs:
-                lps.extend(ev.logprobs)
-            final = ev
-        return Completion(request_id, tuple(req_prompt), tuple(tokens), "".join(texts), final.finish_reason,
-                          final.stop_reason, final.stats, final.head_telemetry, tuple(lps) if lps else None)
+            fold.add(ev)
+        final = fold.final
+        return Completion(request_id, tuple(prompt), tuple(fold.token_ids), fold.text, final.finish_reason,
+                          final.stop_reason, final.stats, final.head_telemetry,
+                          tuple(fold.logprobs) if fold.logprobs else None)
 
     # -- background loop --------------------------------------------------------------------
     def start(self) -> None:

@@ -1,7 +1,7 @@
 """Request state and the value types the engine hands to its clients (no torch here).
 
 SamplingParams validates itself on construction and raises InvalidRequestError, so a bad
-request is refused before anything is scheduled. TokenEvent is what a client's stream yields.
+request is refused before anything is scheduled. The stream's events are in output.py.
 """
 
 from __future__ import annotations
@@ -144,52 +144,6 @@ class RequestStats:
         if self.decode_time is None or self.decode_time <= 0 or self.num_output_tokens < 2:
             return None
         return (self.num_output_tokens - 1) / self.decode_time
-
-
-@dataclass(frozen=True)
-class RequestHeadTelemetry:
-    """Means per (layer, query head) over a request's telemetry rows (DESIGN.md, "Contracts").
-
-    Each statistic is an L x H nested list. rows is how many query rows were averaged.
-    """
-
-    layers: int
-    heads: int
-    kv_heads: int
-    rows: int
-    entropy: list[list[float]]
-    normalized_entropy: list[list[float]]
-    max_weight: list[list[float]]
-    sink_mass: list[list[float]]
-    lookback_distance: list[list[float]]
-
-    def to_dict(self) -> dict:
-        return {
-            "layers": self.layers, "heads": self.heads, "kv_heads": self.kv_heads, "rows": self.rows,
-            "entropy": self.entropy, "normalized_entropy": self.normalized_entropy,
-            "max_weight": self.max_weight, "sink_mass": self.sink_mass,
-            "lookback_distance": self.lookback_distance,
-        }
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One update of one request's stream: new tokens and their text, or the end of the stream.
-
-    text is the newly decodable text (never a broken UTF-8 character; stop strings trimmed).
-    The final event has finished=True, a finish_reason, stats, and head_telemetry when asked.
-    """
-
-    request_id: str
-    token_ids: tuple[int, ...]
-    text: str
-    logprobs: tuple[TokenLogprob, ...] | None = None
-    finished: bool = False
-    finish_reason: FinishReason | None = None
-    stop_reason: str | int | None = None
-    stats: RequestStats | None = None
-    head_telemetry: RequestHeadTelemetry | None = None
-    error: str | None = None
 
 
 @dataclass

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.attention import AttentionMetadata, PrefillSpan, finalize_stats, key_weights
+from server.engine.attention import AttentionMetadata, PrefillSpan
+from server.engine.telemetry import finalize_stats, key_weights
 from server.engine.kv_cache import KVCache
 from server.engine.model import LlamaModel
 from server.engine.request import TokenLogprob

@@ -6,7 +6,7 @@ import asyncio
 import threading
 from collections import deque
 
-from server.engine.request import TokenEvent
+from server.engine.output import TokenEvent
 
 
 class RequestStream:

@@ -1,22 +1,101 @@
-"""Accumulators of per-(layer, query head) attention statistics. Knows nothing of Prometheus.
+"""THE per-head attention statistics: names, accumulator layout, merge, finalize, aggregation.
 
-Each engine step that computes telemetry yields a tensor [L, R, H, NUM_STATS] (R telemetry rows,
-one per sampled token). HeadStats adds those into running sums, counts and per-layer histogram
-counts of normalized entropy; a publisher reads a snapshot. RequestTelemetry keeps the same sums
-for one request and turns them into the per-request means of DESIGN.md's "Contracts".
+Everything that computes or publishes a statistic imports its vocabulary from here: attention
+backends (ours and the vLLM plugin's), the runner, the engine, the exposition and the API. This
+module imports torch and nothing else of ours.
+
+Definitions (DESIGN.md, "Per-head telemetry"), for one query row at position i over keys
+j = 0..i, scores s_j: a flash-style kernel carries, per (row, query head), the running max m and
+the centred sums
+
+    l = sum_j e_j,   t = sum_j e_j (s_j - m) <= 0,   w_c = sum_j e_j W[j, c]
+
+with e_j = exp(s_j - m) and W the per-key weight columns of KEY_WEIGHT_COLUMNS (the sink
+indicator j < sink_tokens and the position j). A new statistic built from one more weighted sum
+is one more column, not a new kernel. From the accumulators alone:
+
+    entropy H = ln l - t / l (both terms >= 0, nothing cancels),  max weight 1 / l,
+    sink mass w_sink / l,  look-back distance (i - w_pos / l) / i,  normalized H / ln(i + 1).
+
+Partial accumulators of disjoint key ranges (split-K tiles, or shards of another rank) merge
+exactly with merge_partials (the centred merge).
+
+Aggregation: HeadStatsAccumulator keeps running per-(layer, head) sums, counts and histograms of
+every telemetry row (HeadStats is its snapshot, what a publisher exports); RequestTelemetry the
+same sums for one request, turned into the per-request means of DESIGN.md's "Contracts"
+(RequestHeadTelemetry).
+
+References: FlashAttention-2 (online softmax), StreamingLLM (attention sinks), ViT mean
+attention distance.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from server.engine.attention import NUM_STATS, STAT_NAMES
-from server.engine.request import RequestHeadTelemetry
-
+# Column order of a stats tensor [..., NUM_STATS].
+STAT_NAMES = ("entropy", "normalized_entropy", "max_weight", "sink_mass", "lookback_distance")
+NUM_STATS = len(STAT_NAMES)
 NORMALIZED_ENTROPY = STAT_NAMES.index("normalized_entropy")
+
+# Per-key weight columns W[j, c]; the accumulators carry one weighted sum per column.
+KEY_WEIGHT_COLUMNS = ("sink", "position")
+# Accumulator layout [..., NUM_ACCUMULATORS]: l, t, then one weighted sum per key-weight column.
+ACC_L, ACC_T = 0, 1
+NUM_ACCUMULATORS = 2 + len(KEY_WEIGHT_COLUMNS)
+# A finite stand-in for -inf (masked scores, an empty tile's running max): exp(MASKED - m) is
+# exactly 0 and 0 * (MASKED - m) is 0, where -inf would give NaN (DESIGN.md's first-tile trap).
+MASKED_SCORE = torch.finfo(torch.float32).min / 2
+
+
+def key_weights(n: int, sink_tokens: int, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[n, len(KEY_WEIGHT_COLUMNS)] per-key weights of keys 0..n-1: (j < sink_tokens, j).
+
+    e @ key_weights(n) gives the weighted accumulator columns of a row's unnormalized weights e [.., n].
+    """
+    pos = torch.arange(n, device=device, dtype=dtype)                # [n]
+    return torch.stack([(pos < sink_tokens).to(dtype), pos], dim=-1)  # [n, 2]
+
+
+def merge_partials(m: torch.Tensor, acc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centred merge of S partial accumulators over disjoint key ranges (split-K, shards).
+
+    m [S, ...] each partial's running max (MASKED_SCORE for a partial that saw no key);
+    acc [S, ..., NUM_ACCUMULATORS] in the frame of its own m. Returns (M [...], acc [..., NUM_ACCUMULATORS])
+    in the frame of M = max m: with w_s = exp(m_s - M), L = sum w_s l_s,
+    T = sum w_s (t_s + (m_s - M) l_s), and every weighted column sum w_s c_s. An empty partial
+    (l = 0) contributes exactly 0 to each.
+    """
+    big_m = m.amax(dim=0)                                            # [...]
+    delta = m - big_m                                                # [S, ...] <= 0
+    w = torch.exp(delta)                                             # [S, ...]
+    l = acc[..., ACC_L]                                              # [S, ...]
+    shifted = acc.clone()                                            # [S, ..., A]
+    # (m_s - M) l_s is 0 for an empty partial (l = 0) even though delta is huge: no NaN, no inf
+    shifted[..., ACC_T] = acc[..., ACC_T] + torch.where(l > 0, delta * l, torch.zeros_like(l))  # [S, ...]
+    merged = (w[..., None] * shifted).sum(dim=0)                     # [..., A]
+    return big_m, merged
+
+
+def finalize_stats(acc: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+    """Accumulators -> statistics, for any number of rows at once (one call per step).
+
+    acc [..., H, NUM_ACCUMULATORS] holds (l, t, sum_{j<sink} e_j, sum e_j j) in the frame of the
+    row maximum; context_lens [...] is each row's key count n (query position n - 1),
+    broadcastable to acc's leading dims. Returns [..., H, NUM_STATS] in STAT_NAMES order.
+    """
+    l, t, sink, pos_sum = acc.unbind(dim=-1)                         # [..., H] each
+    n = context_lens.to(acc.dtype)[..., None]                        # [..., 1]
+    entropy = torch.log(l) - t / l                                   # [..., H] both terms >= 0
+    norm_entropy = torch.where(n > 1, entropy / torch.log(n).clamp_min(1e-30), 0.0)  # [..., H]
+    i = n - 1                                                        # [..., 1] query position
+    lookback = torch.where(i > 0, (i - pos_sum / l) / i.clamp_min(1.0), 0.0)  # [..., H]
+    return torch.stack([entropy, norm_entropy, 1.0 / l, sink / l, lookback], dim=-1)  # [..., H, 5]
 
 
 @dataclass(frozen=True)
@@ -83,6 +162,43 @@ class HeadStatsAccumulator:
                 stat_names=STAT_NAMES, buckets=self.buckets, sums=self._sums.clone(),
                 counts=self._counts.clone(), histogram=self._hist.clone(), histogram_sum=self._hist_sum.clone(),
                 head_histogram=None if self._head_hist is None else self._head_hist.clone(), rows=self._rows)
+
+
+@dataclass(frozen=True)
+class RequestHeadTelemetry:
+    """Means per (layer, query head) over a request's telemetry rows (DESIGN.md, "Contracts").
+
+    Each statistic (one field per name of STAT_NAMES) is an L x H nested list. rows is how many
+    query rows were averaged.
+    """
+
+    layers: int
+    heads: int
+    kv_heads: int
+    rows: int
+    entropy: list[list[float]]
+    normalized_entropy: list[list[float]]
+    max_weight: list[list[float]]
+    sink_mass: list[list[float]]
+    lookback_distance: list[list[float]]
+
+    def to_dict(self) -> dict:
+        return {"layers": self.layers, "heads": self.heads, "kv_heads": self.kv_heads, "rows": self.rows,
+                **{name: getattr(self, name) for name in STAT_NAMES}}
+
+
+def combine_request_telemetry(parts: Sequence[RequestHeadTelemetry]) -> RequestHeadTelemetry:
+    """Row-weighted mean of several requests' means (the choices of one API request), as if
+    their rows had been averaged together. Parts with no rows weigh equally when all have none."""
+    if len(parts) == 1:
+        return parts[0]
+    rows = sum(p.rows for p in parts)
+    weights = [p.rows / rows if rows else 1 / len(parts) for p in parts]
+    first = parts[0]
+    means = {name: [[sum(w * getattr(p, name)[layer][head] for w, p in zip(weights, parts))
+                     for head in range(first.heads)] for layer in range(first.layers)]
+             for name in STAT_NAMES}
+    return RequestHeadTelemetry(layers=first.layers, heads=first.heads, kv_heads=first.kv_heads, rows=rows, **means)
 
 
 class RequestTelemetry:

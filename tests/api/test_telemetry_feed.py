@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from server.api.telemetry_feed import TelemetryFeed, UnknownWindowError, percentile
-from server.engine.attention import NUM_STATS, STAT_NAMES
+from server.engine.telemetry import NUM_STATS, STAT_NAMES
 from server.engine.engine import EngineStats, FinishedRequest, StepStats
 from server.engine.request import FinishReason, RequestStats
 from server.engine.telemetry import HeadStatsAccumulator, RequestTelemetry

@@ -13,7 +13,9 @@ from server.api.app import PUBLIC_PATHS, APIKeyMiddleware
 from server.config import ServerConfig
 from server.api.errors import APIError, error_body, sanitize
 from server.api.streaming import head_telemetry, timings
-from server.engine.request import FinishReason, RequestHeadTelemetry, RequestStats, TokenEvent
+from server.engine.output import TokenEvent
+from server.engine.request import FinishReason, RequestStats
+from server.engine.telemetry import RequestHeadTelemetry
 
 
 def _app(public):

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from server.engine.attention import (AttentionMetadata, PrefillSpan, attend, finalize_stats, paged_attention,
-                                     prefill_attention)
+from server.engine.attention import AttentionMetadata, PrefillSpan, attend, paged_attention, prefill_attention
+from server.engine.telemetry import finalize_stats
 from server.engine.kv_cache import KVCache
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from server.config import CacheConfig, EngineConfig, SchedulerConfig, TelemetryConfig
-from server.engine.attention import attend, finalize_stats
+from server.engine.attention import attend
+from server.engine.telemetry import finalize_stats
 from server.engine.engine import Engine
 from server.engine.request import SamplingParams
 from server.metrics import Metrics
