@@ -520,5 +520,10 @@ class Engine:
             prefix_cache_hits=bm.prefix_hits, prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens, steps=self.steps)
 
+    @property
+    def block_size(self) -> int:
+        """Tokens per KV cache block."""
+        return self.config.cache.block_size
+
     def head_stats_snapshot(self) -> HeadStats:
         return self.head_stats.snapshot()
