@@ -32,12 +32,20 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="also keep and export a normalized-entropy histogram per (layer, head) (high cardinality)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--attention-backend", default="auto", metavar="NAME",
+                   help="attention implementation: auto (the best available on the device, the default) or a "
+                        "backend's name, e.g. torch (the reference)")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
+    from server.engine.attention import BACKEND_CHOICES
+
+    if args.attention_backend not in BACKEND_CHOICES:
+        raise ValueError(f"unknown --attention-backend {args.attention_backend!r}; choose from "
+                         f"{', '.join(BACKEND_CHOICES)}")
     return EngineConfig(
-        model=args.model, device=args.device, num_threads=args.threads,
+        model=args.model, device=args.device, num_threads=args.threads, attention_backend=args.attention_backend,
         cache=CacheConfig(block_size=args.block_size, memory_bytes=int(args.kv_cache_memory * 2**30),
                           enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

@@ -149,10 +149,12 @@ class EngineConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     seed: int = 0
     num_threads: int | None = None
+    attention_backend: str = "auto"  # "auto" = the best available on device; a name forces one
 
     def __post_init__(self) -> None:
         _require(self.device == "cpu" or self.device.startswith("cuda"),
                  f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        _require(bool(self.attention_backend), "attention_backend must not be empty")
         _require(self.num_threads is None or self.num_threads > 0, "num_threads must be > 0")
 
 

@@ -22,12 +22,9 @@ import torch
 
 from server.config import EngineConfig
 from server.engine.block_manager import BlockManager
-from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.errors import ContextLengthExceededError, EngineDeadError, InvalidRequestError, UnknownRequestError
-from server.engine.kv_cache import KVCache, num_blocks_for
 from server.engine.loader import LoadedModel, load_model
-from server.engine.model import LlamaModel
-from server.engine.output import EventFold, TokenEvent
+from server.engine.output import EventFold, OutputProcessor, TokenEvent
 from server.engine.request import FinishReason, Request, RequestStats, RequestStatus, SamplingParams
 from server.engine.runner import ModelRunner, StepOutput
 from server.engine.scheduler import Batch, Scheduler
@@ -117,13 +114,11 @@ class Completion:
 
 
 class _Live:
-    """Engine-side companions of a request: stream, detokenizer, telemetry sums."""
+    """Engine-side companions of a request: its stream and telemetry sums."""
 
-    def __init__(self, request: Request, stream: RequestStream, detok: IncrementalDetokenizer,
-                 telemetry: RequestTelemetry | None) -> None:
+    def __init__(self, request: Request, stream: RequestStream, telemetry: RequestTelemetry | None) -> None:
         self.request = request
         self.stream = stream
-        self.detok = detok
         self.telemetry = telemetry
 
 
@@ -131,20 +126,16 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None,
                  progress=None) -> None:
         self.config = config = config or EngineConfig()
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        self.device = torch.device(config.device)
         self.loaded = loaded or load_model(config.model, progress=progress)
         self.model_config = mc = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = min(config.scheduler.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
-        num_blocks = num_blocks_for(mc, config.cache, self.max_model_len)
-        self.model = LlamaModel.from_weights(mc, self.loaded.weights, self.max_model_len, self.device)
-        self.cache = KVCache.allocate(mc, num_blocks, config.cache.block_size, self.device)
-        self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.runner = ModelRunner(config, mc, self.loaded.weights, self.max_model_len)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
+                                          config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
-        self.runner = ModelRunner(self.model, self.cache, self.device, config.telemetry.sink_tokens)
+        self.output = OutputProcessor(self.tokenizer, self.max_model_len)
         tc = config.telemetry
         self.head_stats = HeadStatsAccumulator(mc.num_layers, mc.num_heads, tc.histogram_buckets,
                                                per_head_histograms=tc.per_head_histograms)
@@ -169,7 +160,6 @@ class Engine:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.steps = 0
-        self.last_step: StepStats | None = None
 
     # -- requests ---------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -232,7 +222,8 @@ class Engine:
             telemetry = (RequestTelemetry(mc.num_layers, mc.num_heads, mc.num_kv_heads)
                          if self.config.telemetry.enabled or params.head_telemetry else None)
             stream = RequestStream(rid, ids)
-            self._live[rid] = _Live(req, stream, IncrementalDetokenizer(self.tokenizer, ids, params), telemetry)
+            self.output.add(req)
+            self._live[rid] = _Live(req, stream, telemetry)
             self._streams[rid] = stream
             self._inbox.append(("add", req))
         self._wake.set()
@@ -286,8 +277,6 @@ class Engine:
                     step_time=time.monotonic() - t0, telemetry=telemetry,
                     time_to_first_token=tuple(self._step_ttft), inter_token_latencies=tuple(self._step_itl),
                     finished=tuple(self._step_finished), attention_times=out.attention_times if out else None)
-                if out is not None:
-                    self.last_step = step
                 self._notify(step)
             return self._publish(events)
 
@@ -354,34 +343,21 @@ class Engine:
         req.last_token_time = now
         if live.telemetry is not None and tok.telemetry_row is not None and stats is not None:
             live.telemetry.add_row(stats[:, tok.telemetry_row])       # [L, H, 5]
-        p = req.params
         logprobs = (tok.logprob,) if tok.logprob is not None else None
-        reason, stop_reason, text = None, None, ""
-        if tok.token_id in req.eos_token_ids and not p.ignore_eos:
-            reason = FinishReason.STOP
-        elif tok.token_id in p.stop_token_ids:
-            reason, stop_reason = FinishReason.STOP, tok.token_id
-        else:
-            update = live.detok.add_token(tok.token_id)
-            text = update.text
-            if update.stop_string is not None and req.num_output_tokens >= p.min_tokens:
-                reason, stop_reason = FinishReason.STOP, update.stop_string
-        if reason is None and (req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len):
-            reason = FinishReason.LENGTH
-        if reason is None:
-            return TokenEvent(req.request_id, (tok.token_id,), text, logprobs)
-        if reason is FinishReason.LENGTH or stop_reason is None or isinstance(stop_reason, int):
-            text += live.detok.finish()
-        return self._finish(req, reason, stop_reason=stop_reason, token_ids=(tok.token_id,), text=text,
-                            logprobs=logprobs)
+        update = self.output.process(req, tok.token_id)
+        if update.finish_reason is None:
+            return TokenEvent(req.request_id, (tok.token_id,), update.text, logprobs)
+        return self._finish(req, update.finish_reason, stop_reason=update.stop_reason, token_ids=(tok.token_id,),
+                            text=update.text, logprobs=logprobs)
 
     def _finish(self, req: Request, reason: FinishReason, *, stop_reason=None, token_ids=(), text="",
                 logprobs=None, error: str | None = None) -> TokenEvent:
         self.scheduler.finish(req, reason)
         req.stop_reason = stop_reason
         live = self._live[req.request_id]
-        if reason in (FinishReason.ABORT, FinishReason.ERROR):
-            text += live.detok.finish() if reason is FinishReason.ABORT else ""
+        if reason is FinishReason.ABORT:
+            text += self.output.flush(req.request_id)
+        self.output.remove(req.request_id)
         end = time.monotonic()
         stats = RequestStats(
             num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=req.num_output_tokens,

@@ -3,8 +3,8 @@
 Reads top to bottom: embed -> L x (RMSNorm -> attention -> residual -> RMSNorm -> SwiGLU ->
 residual) -> final RMSNorm on the rows that sample -> LM head. Tokens of all sequences in a
 step are flattened to T rows; attention is the only place sequences are told apart, through
-the AttentionMetadata passed in explicitly. K/V are read and written only through the paged
-cache. Weights use Hugging Face names (loader.py).
+the attention backend and its per-step plan passed in explicitly (server/engine/attention/).
+K/V are read and written only by the backend, through the paged cache. Weights use Hugging Face names (loader.py).
 
 References: Hugging Face modeling_llama.py / modeling_qwen2.py (the exactness reference in
 tests), gpt-fast model.py, Llama 3.1 RoPE scaling.
@@ -18,10 +18,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from typing import TYPE_CHECKING, Any
+
 from server.config import ModelConfig, RopeScaling
-from server.engine.attention import AttentionMetadata, paged_attention
-from server.engine.kv_cache import KVCache
 from server.engine.timing import LayerTimer
+
+if TYPE_CHECKING:
+    from server.engine.attention import AttentionBackend
 
 
 class Linear:
@@ -133,10 +136,11 @@ class LlamaModel:
                    max_positions or cfg.max_position_embeddings)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, meta: AttentionMetadata,
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend, plan: Any,
                 sample_rows: torch.Tensor, timer: LayerTimer | None = None) -> ForwardOutput:
-        """input_ids, positions [T]; sample_rows [S] rows whose logits are wanted; timer, when
-        given, times each layer's attention (telemetry included)."""
+        """input_ids, positions [T]; attention and plan: the backend and its prepare() of this
+        step; sample_rows [S] rows whose logits are wanted; timer, when given, times each layer's
+        attention (telemetry included)."""
         cfg = self.cfg
         h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         cos, sin = self.cos[positions], self.sin[positions]          # [T, D]
@@ -150,7 +154,7 @@ class LlamaModel:
             q, k = qk.split([h, kvh], dim=1)                         # [T, H, D], [T, KVH, D]
             if timer is not None:
                 timer.start()
-            attn, st = paged_attention(i, q, k, v.reshape(-1, kvh, d), cache, meta)  # [T, H, D], [R, H, 4]
+            attn, st = attention.forward(i, q, k, v.reshape(-1, kvh, d), plan)  # [T, H, D], [R, H, 4]
             if timer is not None:
                 timer.stop()
             if st is not None:

@@ -1,15 +1,17 @@
-"""What a request's stream carries: TokenEvent, and EventFold, which folds events into one result.
+"""From sampled ids to what a request's stream carries.
 
-TokenEvent is one update of one request's stream; EventFold is the single place where a
-sequence of them is added up (the engine's Completion, the API's choices and its coalesced
-stream chunks all fold the same way).
+OutputProcessor turns each sampled token id into text and a finish decision (incremental
+detokenization, stop tokens and strings, lengths); TokenEvent is one update of one request's
+stream; EventFold is the single place where a sequence of events is added up (the engine's
+Completion, the API's choices and its coalesced stream chunks all fold the same way).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from server.engine.request import FinishReason, RequestStats, TokenLogprob
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.request import FinishReason, Request, RequestStats, TokenLogprob
 from server.engine.telemetry import RequestHeadTelemetry
 
 
@@ -62,3 +64,54 @@ class EventFold:
     @property
     def text(self) -> str:
         return "".join(self.texts)
+
+
+@dataclass(frozen=True)
+class TextUpdate:
+    """What one sampled token does to its request: the text it releases and whether it ends it."""
+
+    text: str
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None   # the stop string or stop token id that matched
+
+
+class OutputProcessor:
+    """Sampled token ids -> text and finish decisions, one incremental detokenizer per request.
+
+    Finish rules, in order: an EOS token (unless ignore_eos) or a stop token id ends the request
+    with STOP and adds no text; a stop string ends it with STOP once min_tokens are out; reaching
+    max_tokens or the context window ends it with LENGTH. Text still held back (a possible stop
+    string's start, an incomplete character) is flushed when a request ends other than by a stop
+    string. Runs on the engine's step thread: its cost per token is measured in BENCHMARKS.md.
+    """
+
+    def __init__(self, tokenizer, max_model_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+
+    def add(self, req: Request) -> None:
+        self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params)
+
+    def process(self, req: Request, token_id: int) -> TextUpdate:
+        """req already holds token_id as its last token."""
+        p = req.params
+        detok = self._detok[req.request_id]
+        if token_id in req.eos_token_ids and not p.ignore_eos:
+            return TextUpdate(detok.finish(), FinishReason.STOP)
+        if token_id in p.stop_token_ids:
+            return TextUpdate(detok.finish(), FinishReason.STOP, token_id)
+        update = detok.add_token(token_id)
+        if update.stop_string is not None and req.num_output_tokens >= p.min_tokens:
+            return TextUpdate(update.text, FinishReason.STOP, update.stop_string)
+        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            return TextUpdate(update.text + detok.finish(), FinishReason.LENGTH)
+        return TextUpdate(update.text)
+
+    def flush(self, request_id: str) -> str:
+        """Held-back text of a request that ends early (abort)."""
+        detok = self._detok.get(request_id)
+        return detok.finish() if detok is not None else ""
+
+    def remove(self, request_id: str) -> None:
+        self._detok.pop(request_id, None)

@@ -1,23 +1,30 @@
-"""Batch -> device tensors -> forward -> sample. The only device-specific code.
+"""The model runner owns the device: model, KV cache, attention backend, threads, step buffers.
 
-The runner flattens the scheduled chunks into T query rows, builds the AttentionMetadata
-(slot mapping, decode key slots, prefill spans), runs the model, and samples one token for every
-request whose chunk reached the end of its sequence.
+execute(batch) turns the scheduler's Batch into one forward pass and the sampled tokens:
+sequences are ordered decodes first, then prefill chunks (the layout attention backends, CUDA
+graphs and vLLM expect); the step's inputs and AttentionMetadata are written into buffers
+allocated once, sized by max_num_seqs and max_num_batched_tokens (numpy views of host tensors,
+pinned and copied without blocking on CUDA; the same memory as the model's inputs on a CPU),
+instead of tensors built from lists every step. The backend derives its own indices from the
+metadata (prepare), the model runs, telemetry accumulators become statistics, and one token is
+sampled for every sequence whose chunk reached the end of its tokens.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from server.engine.attention import AttentionMetadata, PrefillSpan
-from server.engine.telemetry import finalize_stats, key_weights
-from server.engine.kv_cache import KVCache
+from server.config import EngineConfig, ModelConfig
+from server.engine.attention import AttentionMetadata, build_backend
+from server.engine.kv_cache import KVCache, num_blocks_for
 from server.engine.model import LlamaModel
 from server.engine.request import TokenLogprob
 from server.engine.sampler import SamplingRow, derive_seed, sample
-from server.engine.scheduler import Batch
+from server.engine.scheduler import Batch, ScheduledRequest
+from server.engine.telemetry import finalize_stats
 from server.engine.timing import LayerTimer
 
 
@@ -37,100 +44,123 @@ class StepOutput:
     attention_times: tuple[float, ...] | None = None  # seconds per layer, on timed steps
 
 
-class ModelRunner:
-    def __init__(self, model: LlamaModel, cache: KVCache, device: torch.device, sink_tokens: int = 4) -> None:
-        self.model = model
-        self.cache = cache
-        self.device = device
-        self.block_size = cache.block_size
-        self.sink_tokens = sink_tokens
+class StepBuffers:
+    """Host and device tensors for one step's inputs, allocated once and refilled every step.
 
-    def _slots(self, block_tables: list[list[int]], lengths: list[int]) -> torch.Tensor:
-        """Cache slots of the first lengths[b] positions of each block table, padded with the
-        zero slot to the longest -> [B, max(lengths)]."""
-        bs = self.block_size
-        width = max(len(t) for t in block_tables)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)  # [B, W]
-        offsets = torch.arange(bs, dtype=torch.long)                                      # [bs]
-        slots = (table[:, :, None] * bs + offsets).reshape(len(block_tables), -1)         # [B, W bs]
-        n = max(lengths)
-        slots = slots[:, :n]                                                              # [B, N]
-        inside = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]                # [B, N]
-        return torch.where(inside, slots, self.cache.pad_slot)                            # [B, N]
+    Each host tensor has a numpy view (*_np) the runner writes into; on a CPU device the device
+    tensors are the host tensors themselves, on CUDA they are separate and filled by one
+    non-blocking copy from pinned memory per field.
+    """
+
+    def __init__(self, max_seqs: int, max_tokens: int, max_blocks: int, device: torch.device) -> None:
+        self.device = device
+        pin = device.type == "cuda"
+
+        def host(*shape: int, dtype=torch.int64) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, pin_memory=pin)
+
+        self.input_ids = host(max_tokens)                             # [Tmax]
+        self.positions = host(max_tokens)                             # [Tmax]
+        self.slot_mapping = host(max_tokens)                          # [Tmax]
+        self.query_start_loc = host(max_seqs + 1, dtype=torch.int32)  # [Bmax + 1]
+        self.seq_lens = host(max_seqs, dtype=torch.int32)             # [Bmax]
+        self.block_table = host(max_seqs, max_blocks, dtype=torch.int32)  # [Bmax, max_blocks]
+        self.sample_rows = host(max_seqs)                             # [Bmax]
+        self.np = {name: getattr(self, name).numpy() for name in self._FIELDS}
+        self.dev = ({name: torch.zeros_like(getattr(self, name), device=device) for name in self._FIELDS}
+                    if pin else {name: getattr(self, name) for name in self._FIELDS})
+
+    _FIELDS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_table", "sample_rows")
+
+    def to_device(self, name: str, n: int, width: int | None = None) -> torch.Tensor:
+        """The first n entries (rows, and width columns for the block table) on the device."""
+        src = getattr(self, name)[:n] if width is None else getattr(self, name)[:n, :width]
+        dst = self.dev[name][:n] if width is None else self.dev[name][:n, :width]
+        if dst.data_ptr() != src.data_ptr():
+            dst.copy_(src, non_blocking=True)
+        return dst
+
+
+class ModelRunner:
+    """Builds the model, the KV cache and the attention backend on the engine's device."""
+
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: dict[str, torch.Tensor],
+                 max_model_len: int) -> None:
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = torch.device(config.device)
+        self.model_config = model_config
+        self.block_size = bs = config.cache.block_size
+        self.num_blocks = num_blocks_for(model_config, config.cache, max_model_len)
+        self.model = LlamaModel.from_weights(model_config, weights, max_model_len, self.device)
+        self.cache = KVCache.allocate(model_config, self.num_blocks, bs, self.device)
+        self.attention = build_backend(config.attention_backend, self.cache, self.device,
+                                       config.telemetry.sink_tokens, max_model_len)
+        sc = config.scheduler
+        self.buffers = StepBuffers(sc.max_num_seqs, sc.max_num_batched_tokens, -(-max_model_len // bs), self.device)
+
+    def _fill(self, scheduled: list[ScheduledRequest], stats_seqs: list[int] | None) -> AttentionMetadata:
+        """Write the step's inputs into the buffers; scheduled is in decodes-first order."""
+        buf, bs = self.buffers, self.block_size
+        npb = buf.np
+        qsl, lens, table = npb["query_start_loc"], npb["seq_lens"], npb["block_table"]
+        row = 0
+        qsl[0] = 0
+        width = 1
+        for b, s in enumerate(scheduled):
+            req, start, n = s.request, s.start, s.num_new_tokens
+            npb["input_ids"][row:row + n] = req.token_ids[start:start + n]
+            npb["positions"][row:row + n] = np.arange(start, start + n)
+            blocks = req.block_ids
+            table[b, :len(blocks)] = blocks
+            width = max(width, len(blocks))
+            row += n
+            qsl[b + 1] = row
+            lens[b] = start + n
+        num_seqs, num_tokens = len(scheduled), row
+        pos = npb["positions"][:num_tokens]                                               # [T]
+        seq_of_row = np.repeat(np.arange(num_seqs), np.diff(qsl[:num_seqs + 1]))          # [T]
+        npb["slot_mapping"][:num_tokens] = table[seq_of_row, pos // bs].astype(np.int64) * bs + pos % bs  # [T]
+        return AttentionMetadata(
+            num_decodes=sum(1 for s in scheduled if s.num_new_tokens == 1), num_tokens=num_tokens,
+            max_seq_len=int(lens[:num_seqs].max()),
+            slot_mapping=buf.to_device("slot_mapping", num_tokens),                      # [T]
+            query_start_loc=buf.to_device("query_start_loc", num_seqs + 1),              # [B + 1]
+            seq_lens=buf.to_device("seq_lens", num_seqs),                                # [B]
+            block_table=buf.to_device("block_table", num_seqs, width),                   # [B, W]
+            query_start_loc_cpu=buf.query_start_loc[:num_seqs + 1], seq_lens_cpu=buf.seq_lens[:num_seqs],
+            stats_seqs_cpu=None if stats_seqs is None else torch.tensor(stats_seqs, dtype=torch.long))
 
     def execute(self, batch: Batch, compute_stats: bool, time_attention: bool = False) -> StepOutput:
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        decode_rows: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        prefills: list[PrefillSpan] = []
-        prefill_sampling: list[int] = []   # index into batch.scheduled of prefills with want_stats
-        decode_sched: list[int] = []       # index into batch.scheduled of decode rows
-        sample_rows: list[int] = []
-        sample_sched: list[int] = []
-        for idx, s in enumerate(batch.scheduled):
-            req, start, n = s.request, s.start, s.num_new_tokens
-            row = len(input_ids)
-            input_ids.extend(req.token_ids[start:start + n])
-            positions.extend(range(start, start + n))
-            slot_mapping.extend(req.block_ids[p // bs] * bs + p % bs for p in range(start, start + n))
-            if n == 1:
-                decode_rows.append(row)
-                decode_tables.append(req.block_ids)
-                decode_lens.append(start + 1)
-                decode_sched.append(idx)
-            else:
-                slots = self._slots([req.block_ids], [start + n])[0]        # [C]
-                prefills.append(PrefillSpan(row, n, slots.to(self.device), want_stats=s.samples))
-                if s.samples:
-                    prefill_sampling.append(idx)
-            if s.samples:
-                sample_rows.append(row + n - 1)
-                sample_sched.append(idx)
-
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev),            # [T]
-            decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=dev),              # [Bd]
-            decode_slots=(self._slots(decode_tables, decode_lens).to(dev) if decode_tables
-                          else torch.zeros(0, 0, dtype=torch.long, device=dev)),              # [Bd, N]
-            decode_context_lens=torch.tensor(decode_lens, dtype=torch.long, device=dev),      # [Bd]
-            prefills=tuple(prefills), compute_stats=compute_stats, sink_tokens=self.sink_tokens,
-            decode_key_weights=(key_weights(max(decode_lens), self.sink_tokens, dev)
-                                if compute_stats and decode_lens else None))                 # [N, 2]
+        # decodes first (stable: arrival order within each kind), as the metadata promises
+        scheduled = sorted(batch.scheduled, key=lambda s: s.num_new_tokens != 1)
+        samples = [b for b, s in enumerate(scheduled) if s.samples]
+        meta = self._fill(scheduled, samples if compute_stats and samples else None)
+        buf = self.buffers
+        buf.np["sample_rows"][:len(samples)] = buf.np["query_start_loc"][[b + 1 for b in samples]] - 1
+        plan = self.attention.prepare(meta)
         out = self.model.forward(
-            torch.tensor(input_ids, dtype=torch.long, device=dev),                            # [T]
-            torch.tensor(positions, dtype=torch.long, device=dev),                            # [T]
-            self.cache, meta, torch.tensor(sample_rows, dtype=torch.long, device=dev),        # [S]
-            timer=LayerTimer(dev) if time_attention else None)
-
-        # telemetry rows: all decode rows, then prefill last rows with want_stats
-        telemetry_row: dict[int, int] = {}
+            buf.to_device("input_ids", meta.num_tokens), buf.to_device("positions", meta.num_tokens),  # [T], [T]
+            self.attention, plan, buf.to_device("sample_rows", len(samples)),                         # [S]
+            timer=LayerTimer(self.device) if time_attention else None)
         stats = None
         if out.telemetry is not None:
-            order = decode_sched + prefill_sampling
-            telemetry_row = {sched_idx: r for r, sched_idx in enumerate(order)}
-            keys = decode_lens + [batch.scheduled[i].start + batch.scheduled[i].num_new_tokens for i in prefill_sampling]
-            lens = torch.tensor(keys, device=dev)[None, :]                               # [1, R]
-            stats = finalize_stats(out.telemetry, lens).to("cpu", torch.float64)         # [L, R, H, 5]
-        rows = []
-        for idx in sample_sched:
-            req = batch.scheduled[idx].request
-            p = req.params
-            suppress = ()
-            if req.num_output_tokens < p.min_tokens:
-                suppress = tuple(sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(req.eos_token_ids))))
-            rows.append(SamplingRow(params=p, prompt_token_ids=req.prompt_token_ids,
-                                    output_token_ids=req.output_token_ids,
-                                    seed=derive_seed(req.seed, req.num_output_tokens),
-                                    suppress_token_ids=suppress))
+            keys = meta.seq_lens[meta.stats_seqs_cpu.to(self.device)][None, :]          # [1, R]
+            stats = finalize_stats(out.telemetry, keys).to("cpu", torch.float64)        # [L, R, H, 5]
+        rows = [self._sampling_row(scheduled[b].request) for b in samples]
         result = sample(out.logits.float(), rows) if rows else None
         sampled = tuple(
-            SampledToken(batch.scheduled[idx].request.request_id, result.token_ids[k], result.logprobs[k],
-                         telemetry_row.get(idx))
-            for k, idx in enumerate(sample_sched))
-        return StepOutput(sampled=sampled, stats=stats, num_tokens=len(input_ids),
+            SampledToken(scheduled[b].request.request_id, result.token_ids[k], result.logprobs[k],
+                         k if stats is not None else None)
+            for k, b in enumerate(samples))
+        return StepOutput(sampled=sampled, stats=stats, num_tokens=meta.num_tokens,
                           attention_times=out.attention_times)
+
+    @staticmethod
+    def _sampling_row(req) -> SamplingRow:
+        p = req.params
+        suppress = ()
+        if req.num_output_tokens < p.min_tokens:
+            suppress = tuple(sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(req.eos_token_ids))))
+        return SamplingRow(params=p, prompt_token_ids=req.prompt_token_ids, output_token_ids=req.output_token_ids,
+                           seed=derive_seed(req.seed, req.num_output_tokens), suppress_token_ids=suppress)

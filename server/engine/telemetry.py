@@ -47,9 +47,6 @@ KEY_WEIGHT_COLUMNS = ("sink", "position")
 # Accumulator layout [..., NUM_ACCUMULATORS]: l, t, then one weighted sum per key-weight column.
 ACC_L, ACC_T = 0, 1
 NUM_ACCUMULATORS = 2 + len(KEY_WEIGHT_COLUMNS)
-# A finite stand-in for -inf (masked scores, an empty tile's running max): exp(MASKED - m) is
-# exactly 0 and 0 * (MASKED - m) is 0, where -inf would give NaN (DESIGN.md's first-tile trap).
-MASKED_SCORE = torch.finfo(torch.float32).min / 2
 
 
 def key_weights(n: int, sink_tokens: int, device: torch.device | str = "cpu",
@@ -65,7 +62,8 @@ def key_weights(n: int, sink_tokens: int, device: torch.device | str = "cpu",
 def merge_partials(m: torch.Tensor, acc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Centred merge of S partial accumulators over disjoint key ranges (split-K, shards).
 
-    m [S, ...] each partial's running max (MASKED_SCORE for a partial that saw no key);
+    m [S, ...] each partial's running max (a large finite negative for a partial that saw no
+    key: never -inf, DESIGN.md's first-tile trap);
     acc [S, ..., NUM_ACCUMULATORS] in the frame of its own m. Returns (M [...], acc [..., NUM_ACCUMULATORS])
     in the frame of M = max m: with w_s = exp(m_s - M), L = sum w_s l_s,
     T = sum w_s (t_s + (m_s - M) l_s), and every weighted column sum w_s c_s. An empty partial

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from server.config import CacheConfig, EngineConfig, SchedulerConfig, TelemetryConfig
-from server.engine.attention import attend
+from server.engine.attention.torch_ref import attend
 from server.engine.telemetry import finalize_stats
 from server.engine.engine import Engine
 from server.engine.request import SamplingParams
 from server.metrics import Metrics
-from tests.engine.test_attention import reference_row
+from tests.engine.attention.test_torch_ref import reference_row
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

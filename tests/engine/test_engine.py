@@ -273,8 +273,8 @@ def test_stale_cache_contents_never_leak(tiny_llama_dir):
     p = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     expected = [c.token_ids for c in engine.generate(prompts, p)]
     for layer in range(engine.model_config.num_layers):
-        engine.cache.k[layer][:-1] = float("nan")  # every allocatable block; the zero pad block stays
-        engine.cache.v[layer][:-1] = float("nan")
+        engine.runner.cache.k[layer][:-1] = float("nan")  # every allocatable block; the zero pad block stays
+        engine.runner.cache.v[layer][:-1] = float("nan")
     engine.block_manager = type(engine.block_manager)(engine.block_manager.num_blocks, 16, False)
     engine.scheduler.blocks = engine.block_manager
     assert [c.token_ids for c in engine.generate(prompts, p)] == expected

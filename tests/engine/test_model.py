@@ -18,20 +18,24 @@ def hf_model(path: str, **kwargs):
 
 
 def prefill_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
-    """Logits of every position of one sequence, computed by our engine's runner in chunks of one
-    token (prefill row, then decode rows through the paged cache)."""
-    from server.engine.attention import AttentionMetadata, PrefillSpan
+    """Logits of every position of one sequence, computed in one prefill chunk by our model over
+    the engine's paged cache and attention backend."""
+    from server.engine.attention import AttentionMetadata
 
-    bm, model, cache = engine.block_manager, engine.model, engine.cache
+    bm, runner = engine.block_manager, engine.runner
     table: list[int] = []
     bm.allocate(table, bm.blocks_for(len(ids)))
-    bs = cache.block_size
-    slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(len(ids))])
-    meta = AttentionMetadata(slot_mapping=slots, decode_rows=torch.zeros(0, dtype=torch.long),
-                             decode_slots=torch.zeros(0, 0, dtype=torch.long),
-                             decode_context_lens=torch.zeros(0, dtype=torch.long),
-                             prefills=(PrefillSpan(0, len(ids), slots, True),), compute_stats=False)
-    out = model.forward(torch.tensor(ids), torch.arange(len(ids)), cache, meta, torch.arange(len(ids)))
+    bs = runner.block_size
+    n = len(ids)
+    meta = AttentionMetadata(
+        num_decodes=0, num_tokens=n, max_seq_len=n,
+        slot_mapping=torch.tensor([table[p // bs] * bs + p % bs for p in range(n)]),
+        query_start_loc=torch.tensor([0, n], dtype=torch.int32), seq_lens=torch.tensor([n], dtype=torch.int32),
+        block_table=torch.tensor([table], dtype=torch.int32),
+        query_start_loc_cpu=torch.tensor([0, n], dtype=torch.int32), seq_lens_cpu=torch.tensor([n], dtype=torch.int32),
+        stats_seqs_cpu=None)
+    plan = runner.attention.prepare(meta)
+    out = runner.model.forward(torch.tensor(ids), torch.arange(n), runner.attention, plan, torch.arange(n))
     bm.free(table)
     return out.logits  # [T, V]
 

@@ -1,4 +1,5 @@
-"""Attention output and per-head telemetry against float64 math on explicit softmax probabilities."""
+"""The torch reference backend: attention output and per-head telemetry against float64 math on
+explicit softmax probabilities, through the backend interface and the runner's metadata."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import math
 import pytest
 import torch
 
-from server.engine.attention import AttentionMetadata, PrefillSpan, attend, paged_attention, prefill_attention
-from server.engine.telemetry import finalize_stats
+from server.engine.attention import AttentionMetadata, build_backend
+from server.engine.attention.torch_ref import attend, prefill_attention
 from server.engine.kv_cache import KVCache
+from server.engine.telemetry import finalize_stats
 
 
 def reference_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int = 4):
@@ -106,8 +108,25 @@ def test_prefill_attention_matches_reference(cached):
         assert torch.allclose(out[r].double(), ref_out, atol=1e-5, rtol=1e-4)
 
 
-def test_paged_attention_reads_and_writes_through_block_tables():
-    """Two sequences with scattered block tables: a decode row and a prefill chunk with a cached prefix."""
+def _meta(tables: list[list[int]], lens: list[int], new: list[int], bs: int, stats: list[int] | None
+          ) -> AttentionMetadata:
+    """Metadata of sequences (decodes first) with block tables, total lengths and new tokens."""
+    qsl = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32)
+    width = max(len(t) for t in tables)
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    slots = torch.tensor([t[p // bs] * bs + p % bs for t, n, nn in zip(tables, lens, new) for p in range(n - nn, n)])
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    return AttentionMetadata(num_decodes=sum(1 for n in new if n == 1), num_tokens=sum(new), max_seq_len=max(lens),
+                             slot_mapping=slots, query_start_loc=qsl, seq_lens=seq_lens, block_table=table,
+                             query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens,
+                             stats_seqs_cpu=None if stats is None else torch.tensor(stats))
+
+
+@pytest.mark.parametrize("stats", [[0, 1, 2], [1, 2], [0], None], ids=["all", "some", "decode-only", "off"])
+def test_backend_reads_and_writes_through_block_tables(stats):
+    """Two decode rows and a prefill chunk with a cached prefix, scattered block tables; the
+    telemetry rows come out for exactly the sequences asked, in order; the output never depends
+    on whether telemetry is computed."""
     from server.config import ModelConfig
 
     g = torch.Generator().manual_seed(5)
@@ -115,36 +134,47 @@ def test_paged_attention_reads_and_writes_through_block_tables():
     mc = ModelConfig(name="t", architecture="llama", vocab_size=10, hidden_size=h * d, intermediate_size=8,
                      num_layers=1, num_heads=h, num_kv_heads=kvh, head_dim=d, max_position_embeddings=64)
     cache = KVCache.allocate(mc, num_blocks=16, block_size=bs)
-    tables = [[7, 2, 11], [3, 9, 0, 14]]
-    lens = [10, 15]  # seq 0: 9 cached + 1 decode token; seq 1: 6 cached + 9-token chunk
-    new = [1, 9]
+    tables = [[7, 2, 11], [5, 1], [3, 9, 0, 14]]
+    lens = [10, 6, 15]  # seq 0: 9 cached + 1 decode token; seq 1: 5 + 1; seq 2: 6 cached + 9-token chunk
+    new = [1, 1, 9]
     k_all = [torch.randn(n, kvh, d, generator=g) for n in lens]
     v_all = [torch.randn(n, kvh, d, generator=g) for n in lens]
-
-    def slot(t, p):
-        return t[p // bs] * bs + p % bs
-
     for t, n, nn, kk, vv in zip(tables, lens, new, k_all, v_all):  # the cached part
-        idx = torch.tensor([slot(t, p) for p in range(n - nn)], dtype=torch.long)
+        idx = torch.tensor([t[p // bs] * bs + p % bs for p in range(n - nn)], dtype=torch.long)
         cache.write(0, idx, kk[:n - nn], vv[:n - nn])
     q = torch.randn(sum(new), h, d, generator=g)
-    slot_mapping = torch.tensor([slot(t, p) for t, n, nn in zip(tables, lens, new) for p in range(n - nn, n)])
     k_new = torch.cat([kk[n - nn:] for kk, n, nn in zip(k_all, lens, new)])
     v_new = torch.cat([vv[n - nn:] for vv, n, nn in zip(v_all, lens, new)])
-    dec_slots = torch.tensor([[slot(tables[0], p) for p in range(lens[0])]])
-    meta = AttentionMetadata(
-        slot_mapping=slot_mapping, decode_rows=torch.tensor([0]), decode_slots=dec_slots,
-        decode_context_lens=torch.tensor([lens[0]]),
-        prefills=(PrefillSpan(1, new[1], torch.tensor([slot(tables[1], p) for p in range(lens[1])]), True),),
-        compute_stats=True)
-    out, acc = paged_attention(0, q, k_new, v_new, cache, meta)
-    assert acc.shape == (2, h, 4)
-    stats = finalize_stats(acc, torch.tensor([lens[0], lens[1]]))
-    ref0, st0 = reference_row(q[0], k_all[0], v_all[0])
-    assert torch.allclose(out[0].double(), ref0, atol=1e-5)
-    assert (stats[0].double() - st0).abs().max() < 1e-5
-    for r in range(new[1]):
-        upto = lens[1] - new[1] + r + 1
-        ref, st = reference_row(q[1 + r], k_all[1][:upto], v_all[1][:upto])
-        assert torch.allclose(out[1 + r].double(), ref, atol=1e-5)
-    assert (stats[1].double() - st).abs().max() < 1e-5  # the chunk's last row
+    backend = build_backend("auto", cache, torch.device("cpu"), sink_tokens=4, max_positions=64)
+    meta = _meta(tables, lens, new, bs, stats)
+    out, acc = backend.forward(0, q, k_new, v_new, backend.prepare(meta))
+    rows = [0, 1, 2 + new[2] - 1]  # each sequence's last query row
+    expected = [reference_row(q[r], k_all[b], v_all[b]) for b, r in enumerate(rows)]
+    for b, r in enumerate(rows):
+        assert torch.allclose(out[r].double(), expected[b][0], atol=1e-5)
+    for r in range(new[2]):
+        upto = lens[2] - new[2] + r + 1
+        ref, _ = reference_row(q[2 + r], k_all[2][:upto], v_all[2][:upto])
+        assert torch.allclose(out[2 + r].double(), ref, atol=1e-5)
+    if stats is None:
+        assert acc is None
+    else:
+        assert acc.shape == (len(stats), h, 4)
+        got = finalize_stats(acc, torch.tensor([lens[b] for b in stats]))
+        for i, b in enumerate(stats):
+            assert (got[i].double() - expected[b][1]).abs().max() < 1e-5
+    # the same step again with telemetry off: the output is bit for bit the same
+    cache2 = KVCache(k=[t.clone() for t in cache.k], v=[t.clone() for t in cache.v])
+    off = build_backend("torch", cache2, torch.device("cpu"), sink_tokens=4, max_positions=64)
+    out_off, _ = off.forward(0, q, k_new, v_new, off.prepare(_meta(tables, lens, new, bs, None)))
+    assert torch.equal(out, out_off)
+
+
+def test_unknown_backend_is_a_clear_error():
+    from server.config import ModelConfig
+
+    mc = ModelConfig(name="t", architecture="llama", vocab_size=10, hidden_size=32, intermediate_size=8,
+                     num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=64)
+    cache = KVCache.allocate(mc, num_blocks=2, block_size=4)
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'.*auto, torch"):
+        build_backend("nope", cache, torch.device("cpu"), sink_tokens=4, max_positions=8)

@@ -1,0 +1,57 @@
+"""Attention backends: one interface, vLLM-shaped metadata, one file per implementation.
+
+A backend is built once per engine (over the KV cache) and called per layer per step:
+
+    plan = backend.prepare(meta)                 # once per step: derive its own indices
+    out, acc = backend.forward(layer, q, k, v, plan)  # per layer: write new K/V, attend, telemetry
+
+forward returns out [T, H, D] and, on steps that compute telemetry, the accumulators
+[R, H, NUM_ACCUMULATORS] (server/engine/telemetry.py) of the rows in meta.stats_seqs_cpu order.
+The output must not depend on whether telemetry is computed. Adding a backend is one new file
+plus one line in BACKENDS.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from server.engine.attention.metadata import AttentionMetadata
+from server.engine.attention.torch_ref import TorchAttentionBackend
+from server.engine.kv_cache import KVCache
+
+
+class AttentionBackend(Protocol):
+    """What the model calls; see the module docstring."""
+
+    name: str
+
+    def prepare(self, meta: AttentionMetadata) -> Any: ...
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                plan: Any) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+    @staticmethod
+    def supports(device: torch.device) -> bool: ...
+
+
+# name -> class(cache, sink_tokens, max_positions); "auto" picks the first that supports the device.
+BACKENDS: dict[str, type] = {"torch": TorchAttentionBackend}
+BACKEND_CHOICES = ("auto", *BACKENDS)
+
+
+def build_backend(name: str, cache: KVCache, device: torch.device, sink_tokens: int,
+                  max_positions: int) -> AttentionBackend:
+    """The backend called name ("auto": the best one available for device)."""
+    if name == "auto":
+        name = next(n for n, cls in BACKENDS.items() if cls.supports(device))
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKEND_CHOICES)}")
+    cls = BACKENDS[name]
+    if not cls.supports(device):
+        raise ValueError(f"attention backend {name!r} does not run on {device}")
+    return cls(cache, sink_tokens, max_positions)
+
+
+__all__ = ["AttentionBackend", "AttentionMetadata", "BACKENDS", "BACKEND_CHOICES", "build_backend"]
