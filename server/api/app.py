@@ -26,11 +26,12 @@ from server import __version__
 from server.api import schemas
 from server.config import ServerConfig
 from server.metrics import Metrics
-from server.api.errors import APIError, bad_request, error_body
+from server.api.errors import APIError, bad_request, error_body, from_engine_error
 from server.api.serving import ClientDisconnected, OpenAIServing
 from server.api.streaming import TIMING_HEADERS, dumps
 from server.api.dashboard import DASHBOARD_PATHS, dashboard_router
 from server.api.telemetry_feed import TelemetryFeed
+from server.engine.errors import InvalidRequestError
 
 log = logging.getLogger("headwise.api")
 
@@ -167,12 +168,20 @@ def create_app(engine, metrics=None, cfg: ServerConfig | None = None) -> FastAPI
     app.include_router(dashboard_router(app.state.telemetry))
 
     # ----------------------------------------------------------------- errors
+    def refuse(request: Request, err: APIError) -> Response:
+        """The error answer, counted as a rejection when a generation route refuses bad input."""
+        if request.scope["path"] in GENERATION_PATHS and err.status in (400, 404, 413):  # 503s count where raised
+            reason = "context_length_exceeded" if err.code == "context_length_exceeded" else "invalid_request"
+            serving.state.rejected[reason] += 1
+        return error_response(err)
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:
-        if request.scope["path"] in GENERATION_PATHS and exc.status in (400, 404, 413):  # 503s count where raised
-            reason = "context_length_exceeded" if exc.code == "context_length_exceeded" else "invalid_request"
-            serving.state.rejected[reason] += 1
-        return error_response(exc)
+        return refuse(request, exc)
+
+    @app.exception_handler(InvalidRequestError)
+    async def _engine_refused(request: Request, exc: InvalidRequestError) -> Response:
+        return refuse(request, from_engine_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:

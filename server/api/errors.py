@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from server.engine.errors import InvalidRequestError
+
 MAX_MESSAGE_CHARS = 512
 MAX_ECHO_CHARS = 64
 MAX_REPORTED_ERRORS = 3
@@ -40,6 +42,12 @@ class APIError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+def from_engine_error(exc: InvalidRequestError) -> APIError:
+    """The 400 for a request the engine refused, with its param and code (context_length_exceeded
+    for a ContextLengthExceededError)."""
+    return bad_request(exc.message, param=exc.param, code=exc.code)
 
 
 def sanitize(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:

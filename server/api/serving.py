@@ -7,6 +7,9 @@ the loop only adds requests, reads their streams and aborts them.
 Admission: at most `max_num_seqs + max_queue` engine requests are in flight (a request with
 n choices and p prompts counts n * p). Past that, 503 with Retry-After at once, before any
 tokenization and without touching the engine.
+
+Requests the engine refuses (InvalidRequestError, from SamplingParams, chat templating or
+add_request) propagate as they are: app.py answers them with errors.from_engine_error.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from server.config import ServerConfig
 from server.api.errors import APIError, bad_request, echo, from_validation_error
 from server.api.schemas import (ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                                 TokenizeRequest, _SamplingFields)
-from server.engine.errors import EngineDeadError, InvalidRequestError
+from server.engine.errors import EngineDeadError
 from server.engine.output import TokenEvent
 from server.engine.request import FinishReason, SamplingParams
 
@@ -231,6 +234,7 @@ class OpenAIServing:
 
     def sampling_params(self, req: _SamplingFields, *, max_tokens: int | None, logprobs: int | None,
                         seed: int | None) -> SamplingParams:
+        """The engine's parameters for a request; SamplingParams raises InvalidRequestError on bad values."""
         stop = req.stop
         stop = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
         kw = dict(max_tokens=max_tokens, seed=seed, stop=stop, stop_token_ids=tuple(req.stop_token_ids or ()),
@@ -242,10 +246,7 @@ class OpenAIServing:
             value = getattr(req, name)
             if value is not None:
                 kw[name] = value
-        try:
-            return SamplingParams(**kw)
-        except InvalidRequestError as exc:
-            raise bad_request(exc.message, param=exc.param, code=exc.code) from None
+        return SamplingParams(**kw)
 
     def common_checks(self, req: _SamplingFields) -> int:
         self.check_model(req.model)
@@ -331,11 +332,9 @@ class OpenAIServing:
         return kwargs
 
     async def render_chat(self, messages: list[dict], add_generation_prompt: bool, kwargs: dict) -> list[int]:
-        try:
-            return await self.off_loop(self.engine.chat_prompt, messages, add_generation_prompt=add_generation_prompt,
-                                       **kwargs)
-        except InvalidRequestError as exc:
-            raise bad_request(exc.message, param=exc.param, code=exc.code) from None
+        """The prompt ids of a conversation, templated off the loop (InvalidRequestError when it cannot be)."""
+        return await self.off_loop(self.engine.chat_prompt, messages, add_generation_prompt=add_generation_prompt,
+                                   **kwargs)
 
     async def chat(self, body: bytes, receive) -> tuple[str, Any, dict]:
         req: ChatCompletionRequest = _parse(ChatCompletionRequest, body)
@@ -386,10 +385,7 @@ class OpenAIServing:
                     params = base if req.seed is None else _with_seed(base, self.choice_seed(req.seed, i))
                     gen.add(index, ids, params)
                     added += 1
-                    choices.append(streaming.ChoiceState(index=index, prompt_tokens=len(ids)))
-        except InvalidRequestError as exc:
-            gen.close()
-            raise bad_request(exc.message, param=exc.param, code=exc.code) from None
+                    choices.append(streaming.ChoiceState(index=index))
         except EngineDeadError:
             gen.close()
             raise APIError(503, "the engine is not running", type="service_unavailable_error",
@@ -427,13 +423,8 @@ class OpenAIServing:
             while remaining:
                 batch = await gen.next_batch()
                 for index, ev in batch:
-                    c = choices[index]
-                    c.texts.append(ev.text)
-                    c.token_ids.extend(ev.token_ids)
-                    if ev.logprobs:
-                        c.logprobs.extend(ev.logprobs)
+                    choices[index].add(ev)
                     if ev.finished:
-                        c.final = ev
                         remaining -= 1
                         if ev.finish_reason is FinishReason.ERROR:
                             return

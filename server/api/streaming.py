@@ -12,12 +12,13 @@ import json
 import logging
 import math
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from server.api.errors import error_event
-from server.engine.output import TokenEvent
+from server.engine.output import EventFold, TokenEvent
 from server.engine.request import FinishReason, RequestStats, TokenLogprob
+from server.engine.telemetry import STAT_NAMES, combine_request_telemetry
 
 log = logging.getLogger("headwise.api")
 
@@ -90,53 +91,21 @@ class TokenStrings:
 
 
 # ------------------------------------------------------------------------------ per choice
-@dataclass
-class ChoiceState:
-    """What one choice has produced so far."""
+@dataclass(kw_only=True)
+class ChoiceState(EventFold):
+    """One choice of a response: the events it has produced so far, folded (EventFold), and the
+    text offset at which its next completion logprob starts."""
 
     index: int
-    prompt_tokens: int
-    texts: list[str] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
     text_offset: int = 0
-    final: TokenEvent | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.final is not None
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def text(self) -> str:
-        return "".join(self.texts)
 
 
-@dataclass
-class Delta:
-    """Coalesced news of one choice in one wake-up."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    final: TokenEvent | None = None
-
-
-def coalesce(batch: Sequence[tuple[int, TokenEvent]]) -> dict[int, Delta]:
-    """Group queued events by choice, in order; texts and logprobs concatenated."""
-    out: dict[int, Delta] = {}
+def coalesce(batch: Sequence[tuple[int, TokenEvent]]) -> dict[int, EventFold]:
+    """One wake-up's news per choice: each choice's queued events folded in order."""
+    deltas: dict[int, EventFold] = {}
     for index, ev in batch:
-        d = out.setdefault(index, Delta())
-        d.text += ev.text
-        d.token_ids.extend(ev.token_ids)
-        if ev.logprobs:
-            d.logprobs.extend(ev.logprobs)
-        if ev.finished:
-            d.final = ev
-    return out
+        deltas.setdefault(index, EventFold()).add(ev)
+    return deltas
 
 
 # ------------------------------------------------------------------------------ aggregates
@@ -185,24 +154,15 @@ def timing_headers(t: dict | None) -> dict[str, str]:
     return headers
 
 
-def head_telemetry(finals: Sequence[TokenEvent]) -> dict | None:
-    """The DESIGN.md contract object; with several choices, the row-weighted mean of their means."""
-    tel = [ev.head_telemetry for ev in finals if ev is not None and ev.head_telemetry is not None]
-    if not tel:
+def head_telemetry(finals: Sequence[TokenEvent | None]) -> dict | None:
+    """The DESIGN.md contract object over the choices that carry telemetry (several choices:
+    combine_request_telemetry, the row-weighted mean of their means); non-finite means are null."""
+    parts = [ev.head_telemetry for ev in finals if ev is not None and ev.head_telemetry is not None]
+    if not parts:
         return None
-    if len(tel) == 1:
-        out = tel[0].to_dict()
-    else:
-        rows = sum(t.rows for t in tel)
-        out = tel[0].to_dict()
-        out["rows"] = rows
-        for name in ("entropy", "normalized_entropy", "max_weight", "sink_mass", "lookback_distance"):
-            mats = [getattr(t, name) for t in tel]
-            weights = [t.rows / rows if rows else 1 / len(tel) for t in tel]
-            out[name] = [[sum(w * m[layer][head] for w, m in zip(weights, mats)) for head in range(len(mats[0][layer]))]
-                         for layer in range(len(mats[0]))]
-    for name in ("entropy", "normalized_entropy", "max_weight", "sink_mass", "lookback_distance"):
-        out[name] = [[v if math.isfinite(v) else None for v in row] for row in out[name]]
+    out = combine_request_telemetry(parts).to_dict()
+    for name in STAT_NAMES:
+        out[name] = [[_finite_or_none(v) for v in row] for row in out[name]]
     return out
 
 
@@ -259,7 +219,7 @@ class CompletionFormat:
         return [{"index": c.index, "text": self.echo_texts[c.index], "logprobs": None, "finish_reason": None}
                 for c in choices]
 
-    def chunk_choice(self, choice: ChoiceState, delta: Delta) -> dict:
+    def chunk_choice(self, choice: ChoiceState, delta: EventFold) -> dict:
         final = delta.final
         return {"index": choice.index, "text": delta.text, "logprobs": self.logprobs(choice, delta.logprobs),
                 "finish_reason": finish_reason(final),
@@ -302,7 +262,7 @@ class ChatFormat:
         return [{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                  "finish_reason": None} for c in choices]
 
-    def chunk_choice(self, choice: ChoiceState, delta: Delta) -> dict:
+    def chunk_choice(self, choice: ChoiceState, delta: EventFold) -> dict:
         final = delta.final
         return {"index": choice.index, "delta": {"content": delta.text} if delta.text or final is None else {},
                 "logprobs": self.logprobs(choice, delta.logprobs), "finish_reason": finish_reason(final),
@@ -318,16 +278,13 @@ class ChatFormat:
 def response_body(fmt, *, rid: str, created: int, model: str, choices: Sequence[ChoiceState],
                   prompt_lengths: Sequence[int], want_telemetry: bool) -> tuple[dict, dict | None]:
     """The non-streaming response object and its timings."""
-    t = timings([c.final.stats for c in choices if c.final is not None])
     body = {"id": rid, "object": fmt.object, "created": created, "model": model,
-            "choices": [fmt.response_choice(c) for c in choices], "usage": usage(choices, prompt_lengths),
-            "timings": t}
+            "choices": [fmt.response_choice(c) for c in choices], "usage": usage(choices, prompt_lengths)}
     if fmt.return_token_ids:
         for c, obj in zip(choices, body["choices"]):
             obj["token_ids"] = c.token_ids
-    if want_telemetry:
-        body["head_telemetry"] = head_telemetry([c.final for c in choices])
-    return body, t
+    _add_extras(body, choices, want_telemetry)
+    return body, body["timings"]
 
 
 async def sse_events(fmt, gen, *, rid: str, created: int, model: str, choices: list[ChoiceState],
@@ -344,6 +301,8 @@ async def sse_events(fmt, gen, *, rid: str, created: int, model: str, choices: l
         remaining = sum(1 for c in choices if not c.finished)
         while remaining:
             batch = await gen.next_batch()
+            for index, ev in batch:
+                choices[index].add(ev)
             out = []
             error = None
             for index, delta in coalesce(batch).items():
@@ -351,10 +310,7 @@ async def sse_events(fmt, gen, *, rid: str, created: int, model: str, choices: l
                 if delta.final is not None and delta.final.finish_reason is FinishReason.ERROR:
                     error = delta.final.error or "generation failed"
                     break
-                choice.texts.append(delta.text)
-                choice.token_ids.extend(delta.token_ids)
                 if delta.final is not None:
-                    choice.final = delta.final
                     remaining -= 1
                 obj = {**head, "choices": [fmt.chunk_choice(choice, delta)]}
                 if fmt.return_token_ids:
@@ -384,6 +340,7 @@ async def sse_events(fmt, gen, *, rid: str, created: int, model: str, choices: l
 
 
 def _add_extras(obj: dict, choices: Sequence[ChoiceState], want_telemetry: bool) -> None:
+    """Put the choices' aggregates in a response object or last chunk: timings, and head_telemetry when asked."""
     obj["timings"] = timings([c.final.stats for c in choices if c.final is not None])
     if want_telemetry:
         obj["head_telemetry"] = head_telemetry([c.final for c in choices])

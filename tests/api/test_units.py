@@ -1,5 +1,6 @@
 """In-process checks of the API's small parts: the API-key middleware (both /metrics modes, the
-Host-header bypass), error sanitizing, timings and telemetry aggregation."""
+Host-header bypass), error sanitizing and engine-error mapping, timings, telemetry aggregation and
+choice folding."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from starlette.testclient import TestClient
 
 from server.api.app import PUBLIC_PATHS, APIKeyMiddleware
 from server.config import ServerConfig
-from server.api.errors import APIError, error_body, sanitize
-from server.api.streaming import head_telemetry, timings
+from server.api.errors import APIError, error_body, from_engine_error, sanitize
+from server.api.streaming import ChoiceState, coalesce, head_telemetry, timings
+from server.engine.errors import ContextLengthExceededError, InvalidRequestError
 from server.engine.output import TokenEvent
 from server.engine.request import FinishReason, RequestStats
 from server.engine.telemetry import RequestHeadTelemetry
@@ -48,6 +50,15 @@ def test_sanitize_scrubs_paths_addresses_tracebacks():
     assert "/work" not in msg and "0x7f00deadbeef" not in msg and "Traceback" not in msg and "site-packages" not in msg
     body = error_body(APIError(400, "x" * 10_000))
     assert len(body) < 700
+
+
+def test_engine_refusals_map_to_the_openai_400():
+    err = from_engine_error(ContextLengthExceededError("prompt is too long"))
+    assert err.status == 400 and err.headers == {}
+    assert error_body(err) == (b'{"error": {"message": "prompt is too long", "type": "invalid_request_error", '
+                               b'"param": "messages", "code": "context_length_exceeded"}}')
+    err = from_engine_error(InvalidRequestError("top_p must be in (0, 1], got 2", param="top_p"))
+    assert (err.status, err.param, err.code) == (400, "top_p", None)
 
 
 def test_server_config_validation():
@@ -86,6 +97,22 @@ def test_head_telemetry_row_weighted_mean_and_no_nan():
     assert out["rows"] == 4 and out["entropy"][0][0] == pytest.approx(2.5)
     assert out["lookback_distance"][0][0] is None  # NaN never reaches the JSON
     assert head_telemetry([ev(None)]) is None
+    single = head_telemetry([ev(_tel(2, 0.5)), None])
+    assert single["rows"] == 2 and single["lookback_distance"] == [[None, 0.5], [0.5, 0.5]]
+
+
+def test_choices_and_coalesced_deltas_fold_the_same_events():
+    events = [(0, TokenEvent("a", (1,), "x")), (1, TokenEvent("b", (2,), "y")), (0, TokenEvent("a", (3,), "")),
+              (0, TokenEvent("a", (4,), "z", finished=True, finish_reason=FinishReason.STOP))]
+    deltas = coalesce(events)
+    assert list(deltas) == [0, 1]
+    assert (deltas[0].text, deltas[0].token_ids, deltas[0].finished) == ("xz", [1, 3, 4], True)
+    assert (deltas[1].text, deltas[1].token_ids, deltas[1].final) == ("y", [2], None)
+    choice = ChoiceState(index=0)
+    for index, ev in events:
+        if index == 0:
+            choice.add(ev)
+    assert (choice.text, choice.num_tokens, choice.final) == ("xz", 3, events[-1][1])
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -120,7 +147,7 @@ def _collect_sse(batches, n=1, include_usage=False):
     import asyncio
     import json
 
-    from server.api.streaming import ChatFormat, ChoiceState, TokenStrings, sse_events
+    from server.api.streaming import ChatFormat, TokenStrings, sse_events
 
     class Tok:
         def decode(self, ids, skip_special_tokens=False):
@@ -131,7 +158,7 @@ def _collect_sse(batches, n=1, include_usage=False):
 
     async def run():
         return [chunk async for chunk in sse_events(fmt, gen, rid="chatcmpl-x", created=0, model="m",
-                                                     choices=[ChoiceState(index=i, prompt_tokens=3) for i in range(n)],
+                                                     choices=[ChoiceState(index=i) for i in range(n)],
                                                      prompt_lengths=[3], include_usage=include_usage,
                                                      want_telemetry=False)]
 
