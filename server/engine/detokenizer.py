@@ -121,7 +121,6 @@ class IncrementalDetokenizer:
         self._prefix_text = seed_text   # decode(window[:read_offset]), kept until the window moves
 
         self._held = ""                    # decoded, not yet emitted (may start a stop string)
-        self._emitted: list[str] = []
         self._stop_string: str | None = None
         self._finished = False
 
@@ -147,13 +146,6 @@ class IncrementalDetokenizer:
         update = self._accept(pending, final=True)
         self._finished = True
         return update.text
-
-    @property
-    def output_text(self) -> str:
-        """All text emitted so far (after finish(), all of the output's text)."""
-        if len(self._emitted) > 1:
-            self._emitted[:] = ["".join(self._emitted)]  # amortized: each chunk is joined once
-        return self._emitted[0] if self._emitted else ""
 
     @property
     def stop_string(self) -> str | None:
@@ -241,11 +233,8 @@ class IncrementalDetokenizer:
             self._held = ""
             self._stop_string = stop
             self._finished = True
-            self._emitted.append(out)
             return DetokenizerUpdate(out, stop)
         hold = 0 if final or not self._stops else _partial_stop_length(
             text, self._stops, self._stop_first_chars, self._max_hold)
         out, self._held = (text[:-hold], text[-hold:]) if hold else (text, "")
-        if out:
-            self._emitted.append(out)
         return DetokenizerUpdate(out, None)

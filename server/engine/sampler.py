@@ -104,37 +104,23 @@ def _flat_ids(token_ids: Sequence[Sequence[int]], vocab: int, device) -> torch.T
     return torch.cat(parts)                                           # [N]
 
 
-def suppress_tokens(logits: torch.Tensor, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
-    """A copy of logits [B, V] with logits[b, t] = -inf for each t in token_ids[b]."""
-    out = logits.clone(memory_format=torch.contiguous_format)         # [B, V]
-    _suppress_(out, token_ids)
-    return out
-
-
-def _suppress_(out: torch.Tensor, token_ids: Sequence[Sequence[int]]) -> None:
+def suppress_tokens_(out: torch.Tensor, token_ids: Sequence[Sequence[int]]) -> None:
+    """In place: out[b, t] = -inf for each t in token_ids[b]. out [B, V] contiguous."""
     flat = _flat_ids(token_ids, out.shape[-1], out.device)            # [N]
     out.view(-1)[flat] = float("-inf")                                # [B * V]
 
 
-def apply_penalties(logits: torch.Tensor, prompt_token_ids: Sequence[Sequence[int]],
-                    output_token_ids: Sequence[Sequence[int]], repetition: torch.Tensor,
-                    frequency: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+def apply_penalties_(out: torch.Tensor, prompt_token_ids: Sequence[Sequence[int]],
+                     output_token_ids: Sequence[Sequence[int]], repetition: torch.Tensor,
+                     frequency: torch.Tensor, presence: torch.Tensor) -> None:
     """Repetition penalty (HF) on prompt-or-output tokens, then frequency and presence (OpenAI).
 
-    logits [B, V]; per-row token lists; penalties [B]. A seen token's logit > 0 is divided by
+    out [B, V]; per-row token lists; penalties [B]. A seen token's logit > 0 is divided by
     its row's repetition penalty, otherwise multiplied; then each output token's logit loses
     frequency * count + presence. Only the listed tokens are touched (gather, then scatter;
     a token listed twice is written twice with the same value), and neutral values (1, 0, 0)
-    leave a row bit-equal. Returns a copy.
+    leave a row bit-equal. In place on out [B, V] (contiguous).
     """
-    out = logits.clone(memory_format=torch.contiguous_format)         # [B, V]
-    _penalize_(out, prompt_token_ids, output_token_ids, repetition, frequency, presence)
-    return out
-
-
-def _penalize_(out: torch.Tensor, prompt_token_ids: Sequence[Sequence[int]],
-               output_token_ids: Sequence[Sequence[int]], repetition: torch.Tensor,
-               frequency: torch.Tensor, presence: torch.Tensor) -> None:
     vocab = out.shape[-1]
     flat = out.view(-1)                                               # [B * V]
     ids = _flat_ids(output_token_ids, vocab, out.device)              # [M]
@@ -162,10 +148,10 @@ def penalize(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         return logits
     out = logits.clone(memory_format=torch.contiguous_format)         # [B, V]
     if suppress:
-        _suppress_(out, [r.suppress_token_ids for r in rows])
+        suppress_tokens_(out, [r.suppress_token_ids for r in rows])
     if penalties:
         device = out.device
-        _penalize_(
+        apply_penalties_(
             out,
             [r.prompt_token_ids if r.params.repetition_penalty != 1.0 else () for r in rows],
             [r.output_token_ids if _has_penalty(r.params) else () for r in rows],
@@ -244,36 +230,6 @@ def truncation_threshold(logits: torch.Tensor, probs: torch.Tensor, top_k: torch
         pending = pending[~done]                                      # [R']
         m *= 8
     return threshold                                                  # [B]
-
-
-def mask_below(logits: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """logits [B, V] with entries below the row's threshold [B] set to -inf."""
-    return logits.masked_fill(logits < threshold[:, None], float("-inf"))  # [B, V]
-
-
-def _off(logits: torch.Tensor, value: float) -> torch.Tensor:
-    return torch.full((logits.shape[0],), value, dtype=torch.float64)  # [B]
-
-
-def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """Keep each row's top_k [B] largest logits (and ties with the k-th); 0 or -1: off."""
-    probs = torch.softmax(logits, dim=-1)                             # [B, V]
-    return mask_below(logits, truncation_threshold(logits, probs, top_k, _off(logits, 1.0),
-                                                   _off(logits, 0.0)))  # [B, V]
-
-
-def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Keep each row's smallest most-likely set whose probability reaches top_p [B]."""
-    probs = torch.softmax(logits, dim=-1)                             # [B, V]
-    no_k = torch.zeros(logits.shape[0], dtype=torch.long)             # [B]
-    return mask_below(logits, truncation_threshold(logits, probs, no_k, top_p,
-                                                   _off(logits, 0.0)))  # [B, V]
-
-
-def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Drop tokens whose probability is below min_p [B] times their row's largest."""
-    threshold = logits.amax(dim=-1) + torch.log(min_p.to(logits))     # [B]
-    return mask_below(logits, threshold)                              # [B, V]
 
 
 # ---------------------------------------------------------------------------------------- draws

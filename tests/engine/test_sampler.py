@@ -13,22 +13,57 @@ from hypothesis import strategies as st
 from server.engine.request import SamplingParams
 from server.engine.sampler import (
     SamplingRow,
-    apply_min_p,
-    apply_penalties,
+    apply_penalties_,
     apply_temperature,
-    apply_top_k,
-    apply_top_p,
     derive_seed,
     greedy,
     inverse_cdf_draw,
     sample,
     seeded_uniforms,
-    suppress_tokens,
+    suppress_tokens_,
     top_values,
     truncation_threshold,
 )
 
 NEG_INF = float("-inf")
+
+
+# One rule at a time, on a copy, from the sampler's own pieces (the sampler applies them together).
+def suppress_tokens(logits: torch.Tensor, token_ids) -> torch.Tensor:
+    out = logits.clone()                                              # [B, V]
+    suppress_tokens_(out, token_ids)
+    return out
+
+
+def apply_penalties(logits: torch.Tensor, prompt, output, repetition, frequency, presence) -> torch.Tensor:
+    out = logits.clone()                                              # [B, V]
+    apply_penalties_(out, prompt, output, repetition, frequency, presence)
+    return out
+
+
+def _threshold(logits: torch.Tensor, top_k=None, top_p=None, min_p=None) -> torch.Tensor:
+    b = logits.shape[0]
+    return truncation_threshold(
+        logits, torch.softmax(logits, dim=-1),
+        top_k if top_k is not None else torch.zeros(b, dtype=torch.long),           # [B]
+        top_p if top_p is not None else torch.ones(b, dtype=torch.float64),         # [B]
+        min_p if min_p is not None else torch.zeros(b, dtype=torch.float64))        # [B]
+
+
+def _mask_below(logits: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    return logits.masked_fill(logits < threshold[:, None], NEG_INF)  # [B, V]
+
+
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    return _mask_below(logits, _threshold(logits, top_k=top_k))
+
+
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    return _mask_below(logits, _threshold(logits, top_p=top_p))
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    return _mask_below(logits, _threshold(logits, min_p=min_p.to(torch.float64)))
 
 
 def _logits(batch: int, vocab: int, seed: int, scale: float = 3.0) -> torch.Tensor:
