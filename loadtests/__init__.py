@@ -6,7 +6,9 @@ Reports what `vllm bench serve` reports: time to first token (TTFT), time per ou
 (TPOT), inter-token latency (ITL) and end-to-end latency (E2E) as mean, median, p90 and p99;
 request and output-token throughput; goodput under SLOs; peak concurrency. Definitions match
 headwise's engine (DESIGN.md), and observations are binned into the histogram boundaries of
-server/metrics.py, so the client's view and the server's /metrics view compare directly.
+server/latency.py (the server's, in a pure-Python module: the client imports neither
+prometheus_client nor the engine), so the client's view and the server's /metrics view compare
+directly.
 
 Modules, one job each: records (the dataclasses between layers), dataset (prompts), tokens
 (token counting for exact prompt lengths), schedule (arrival times), driver (async streaming

@@ -31,6 +31,7 @@ from loadtests.report import PointResult, report_json
 from loadtests.stats import PERCENTILES, Slo, summarize
 from loadtests.target import KINDS, Target, probe
 from loadtests.tokens import ServerTokenizer, TokenizerError, load_local
+from server.latency import REQUEST_LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS, TTFT_BUCKETS
 
 
 class UsageError(Exception):
@@ -38,9 +39,7 @@ class UsageError(Exception):
 
 
 def histogram_bounds() -> dict[str, tuple[float, ...]]:
-    """The server's histogram boundaries (server/metrics.py), per latency metric."""
-    from server.metrics import REQUEST_LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS, TTFT_BUCKETS
-
+    """The server's histogram boundaries (server/latency.py), per latency metric."""
     return {"ttft": TTFT_BUCKETS, "tpot": TOKEN_LATENCY_BUCKETS, "itl": TOKEN_LATENCY_BUCKETS,
             "e2e": REQUEST_LATENCY_BUCKETS}
 

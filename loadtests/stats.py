@@ -8,7 +8,8 @@ Definitions (the server's, server/engine/engine.py and DESIGN.md; vLLM's for TPO
   as the server's histogram does. Extra tokens in the first chunk have a gap of 0.
 - TPOT: (E2E - TTFT) / (output tokens - 1), per request with at least two output tokens.
 - E2E: stream end (the finishing chunk, usage or [DONE]) - request sent.
-Percentiles interpolate linearly between order statistics (numpy's default, as vLLM reports).
+Percentiles interpolate linearly between order statistics (numpy's default, as vLLM reports):
+server/latency.py's percentile, the one the server's telemetry feed uses.
 Histograms are Prometheus's: cumulative counts of observations <= each upper bound, then +Inf.
 """
 
@@ -20,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from loadtests.records import Chunk, RequestRecord, RunRecord
+from server.latency import percentile
 
 PERCENTILES = (50.0, 90.0, 99.0)
 METRICS = ("ttft", "tpot", "itl", "e2e")  # the latency distributions, in this order everywhere
@@ -132,19 +134,6 @@ def request_metrics(record: RequestRecord) -> RequestMetrics | None:
 
 
 # ----------------------------------------------------------------------------- distributions
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy.percentile's default), q in [0, 100]."""
-    if not values:
-        raise ValueError("percentile of no values")
-    if not 0.0 <= q <= 100.0:
-        raise ValueError(f"percentile {q} outside [0, 100]")
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100.0
-    lo = math.floor(position)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (position - lo)
-
-
 def distribution(values: Sequence[float], percentiles: Iterable[float] = PERCENTILES) -> Distribution:
     """Count, mean, population standard deviation (numpy's default), min, max and percentiles."""
     qs = tuple(percentiles)
@@ -153,8 +142,9 @@ def distribution(values: Sequence[float], percentiles: Iterable[float] = PERCENT
     n = len(values)
     mean = sum(values) / n
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / n)
+    ordered = sorted(values)
     return Distribution(count=n, mean=mean, std=std, min=min(values), max=max(values),
-                        percentiles={q: percentile(values, q) for q in qs})
+                        percentiles={q: percentile(ordered, q) for q in qs})
 
 
 def histogram(values: Iterable[float], bounds: Sequence[float]) -> Histogram:

@@ -1,8 +1,9 @@
-"""The Prometheus exposition (server/metrics.py).
+"""The Prometheus exposition (server/metrics.py over server/exposition.py and server/latency.py).
 
 In-process: exported per-head sums, counts and histograms against a float64 recomputation from
 the engine's raw telemetry rows; latency histograms against the requests' own RequestStats;
-parsed with prometheus_client's reference parser and checked by promtool. Live: a scrape taken
+parsed with prometheus_client's reference parser and checked by promtool; Metrics over a
+stand-in that has only EngineView's members. Live: a scrape taken
 under load passes `promtool check metrics`; rejections are counted by reason; a real Prometheus
 server scrapes the default model's server every second and answers the per-head mean normalized
 entropy of all 270 heads, a finite median time to first token and the exact token increase."""
@@ -20,13 +21,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.config import CacheConfig, EngineConfig, SchedulerConfig, TelemetryConfig
-from server.engine.telemetry import STAT_NAMES
-from server.engine.engine import Engine
-from server.engine.request import FinishReason, SamplingParams
-from server.metrics import (HEAD_FAMILIES, REQUEST_LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS, TTFT_BUCKETS, Metrics)
+from server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, TelemetryConfig
+from server.engine.telemetry import STAT_NAMES, HeadStatsAccumulator
+from server.engine.engine import Engine, EngineStats, FinishedRequest, StepStats
+from server.engine.request import FinishReason, RequestStats, SamplingParams
+from server.exposition import HEAD_FAMILIES
+from server.latency import REQUEST_LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS, TTFT_BUCKETS
+from server.metrics import FINISH_REASONS, EngineView, Metrics
 from tests.api.conftest import ServerProcess, free_port, held_streams, metric
 
 PROMTOOL = shutil.which("promtool")
@@ -204,6 +208,65 @@ def test_aborts_and_errors_are_counted(tiny_llama_dir):
     assert by_labels(s["headwise_request_success_total"], "finished_reason")[("abort",)] == 1
     assert s["headwise_request_errors_total"][0].value == 1
     assert s["headwise_e2e_request_latency_seconds_count"][0].value == 2
+
+
+def test_engine_is_an_engine_view(served):
+    assert isinstance(served[0].engine, EngineView)
+
+
+def test_finish_reasons_are_the_enums_but_error():
+    assert FINISH_REASONS == ("stop", "length", "abort")
+    assert set(FINISH_REASONS) | {FinishReason.ERROR.value} == {r.value for r in FinishReason}
+
+
+class StandInView:
+    """Only EngineView's members: Metrics must need nothing else of an engine."""
+
+    model_config = ModelConfig(name="stand-in", architecture="llama", vocab_size=32, hidden_size=16,
+                               intermediate_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4,
+                               max_position_embeddings=64)
+    max_model_len = 48
+    block_size = 8
+
+    def __init__(self) -> None:
+        self.observers = []
+        self.accumulator = HeadStatsAccumulator(2, 4, (0.5,))
+
+    def stats(self) -> EngineStats:
+        return EngineStats(num_running=1, num_waiting=2, kv_cache_usage=0.25, num_blocks=16, num_free_blocks=12,
+                           num_preemptions=3, prefix_cache_queries=40, prefix_cache_hits=10, prompt_tokens=40,
+                           generation_tokens=9, steps=11)
+
+    def head_stats_snapshot(self):
+        return self.accumulator.snapshot()
+
+    def add_observer(self, observer) -> None:
+        self.observers.append(observer)
+
+
+def test_metrics_over_a_stand_in_view():
+    view = StandInView()
+    assert isinstance(view, EngineView)
+    metrics = Metrics(view, "m", "1.0")
+    assert view.observers == [metrics.observe_step]
+    view.accumulator.add(torch.full((2, 3, 4, len(STAT_NAMES)), 0.25, dtype=torch.float64))  # [L, R, H, 5]
+    st = RequestStats(num_prompt_tokens=4, num_output_tokens=3, num_cached_tokens=0, num_preemptions=0,
+                      queue_time=0.01, time_to_first_token=0.1, prefill_time=0.09, decode_time=0.2, e2e_latency=0.3)
+    finished = tuple(FinishedRequest(f"r{i}", reason, st, None) for i, reason in enumerate(FinishReason))
+    view.observers[0](StepStats(num_scheduled_tokens=4, num_sampled=4, num_preempted=0, num_running=0, num_waiting=0,
+                                kv_cache_usage=0.0, step_time=0.05, telemetry=True, time_to_first_token=(0.1,),
+                                finished=finished, attention_times=(1e-3, 2e-3)))
+    s = samples(metrics.render().decode())
+    (info,) = s["headwise_model_info"]
+    assert info.labels["block_size"] == "8" and info.labels["max_model_len"] == "48"
+    assert info.labels["head_dim"] == "4" and info.labels["kv_heads"] == "2"
+    assert s["headwise_num_requests_waiting"][0].value == 2 and s["headwise_kv_cache_free_blocks"][0].value == 12
+    assert by_labels(s["headwise_request_success_total"], "finished_reason") == {(r,): 1 for r in FINISH_REASONS}
+    assert s["headwise_request_errors_total"][0].value == 1
+    assert s["headwise_e2e_request_latency_seconds_count"][0].value == len(FinishReason)
+    assert s["headwise_telemetry_rows_total"][0].value == 3
+    assert set(by_labels(s["headwise_head_sink_mass_sum"], "layer", "head").values()) == {0.75}
+    assert by_labels(s["headwise_layer_attention_time_seconds_sum"], "layer") == {("0",): 1e-3, ("1",): 2e-3}
 
 
 # ------------------------------------------------------------------------------- live servers

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from server.engine.telemetry import STAT_NAMES
+from server.latency import percentile
 
 WINDOWS: dict[str, float | None] = {"1m": 60.0, "5m": 300.0, "all": None}
 PERCENTILES = (50, 90, 95, 99)
@@ -62,14 +63,6 @@ class _Recent:
 
     summary: dict
     head: object | None
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default) of an ascending list."""
-    pos = (len(sorted_values) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
 def _num(x: float | None, digits: int = 6) -> float | None:

@@ -9,7 +9,8 @@ import pytest
 
 from loadtests.records import Chunk, LoadPoint, RequestRecord, RunRecord
 from loadtests.stats import (Histogram, Slo, distribution, histogram, histogram_quantile, peak_concurrency,
-                             peak_window_rate, percentile, request_metrics, summarize, token_times)
+                             peak_window_rate, request_metrics, summarize, token_times)
+from server.latency import percentile
 
 BOUNDS = {"ttft": (0.1, 0.5, 1.0), "tpot": (0.05, 0.1, 0.2), "itl": (0.05, 0.1, 0.2), "e2e": (0.5, 1.0, 2.0)}
 
@@ -21,7 +22,7 @@ def rec(send, chunks, end, out=None, ok=True, prompt=10):
 
 
 def test_percentile_interpolates_between_ranks():
-    v = [4.0, 1.0, 3.0, 2.0]
+    v = sorted([4.0, 1.0, 3.0, 2.0])  # the caller sorts (server/latency.py)
     assert percentile(v, 0) == 1.0
     assert percentile(v, 100) == 4.0
     assert percentile(v, 50) == pytest.approx(2.5)   # rank 1.5
@@ -35,9 +36,29 @@ def test_percentile_interpolates_between_ranks():
 def test_percentile_matches_numpy():
     np = pytest.importorskip("numpy")
     rng = random.Random(1)
-    values = [rng.expovariate(3.0) for _ in range(257)]
+    values = sorted(rng.expovariate(3.0) for _ in range(257))
     for q in (1, 25, 50, 90, 99, 99.9):
         assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)), rel=1e-12)
+
+
+def test_percentile_rejects_q_outside_0_100():
+    for q in (-1, 100.5):
+        with pytest.raises(ValueError):
+            percentile([1.0, 2.0], q)
+
+
+def test_distribution_sorts_before_taking_percentiles():
+    d = distribution([10.0, 3.0, 1.0, 4.0, 2.0])
+    assert d.percentiles == distribution([1.0, 2.0, 3.0, 4.0, 10.0]).percentiles
+    assert d.median == 3.0 and d.min == 1.0 and d.max == 10.0
+
+
+def test_one_percentile_for_client_and_server():
+    from loadtests import stats
+    from server import latency
+    from server.api import telemetry_feed
+
+    assert stats.percentile is latency.percentile and telemetry_feed.percentile is latency.percentile
 
 
 def test_distribution_by_hand():

@@ -184,11 +184,11 @@ def test_unreachable_server_is_a_clear_error(capsys):
 
 
 def test_histogram_bounds_are_the_servers():
-    from server import metrics
+    from server import latency
 
     b = cli.histogram_bounds()
-    assert b["ttft"] == metrics.TTFT_BUCKETS and b["itl"] == b["tpot"] == metrics.TOKEN_LATENCY_BUCKETS
-    assert b["e2e"] == metrics.REQUEST_LATENCY_BUCKETS
+    assert b["ttft"] == latency.TTFT_BUCKETS and b["itl"] == b["tpot"] == latency.TOKEN_LATENCY_BUCKETS
+    assert b["e2e"] == latency.REQUEST_LATENCY_BUCKETS
 
 
 # ----------------------------------------------------------------------------- report and table
