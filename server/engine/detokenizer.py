@@ -126,15 +126,19 @@ class IncrementalDetokenizer:
 
     # -- public API ---------------------------------------------------------------------------
 
-    def add_token(self, token_id: int) -> DetokenizerUpdate:
-        """Add one generated token; return the text it makes safe to emit and any matched stop string."""
+    def add_token(self, token_id: int, match_stops: bool = True) -> DetokenizerUpdate:
+        """Add one generated token; return the text it makes safe to emit and any matched stop string.
+
+        match_stops False (a request still short of its min_tokens) releases the text without
+        looking for stop strings, so none can end the output early.
+        """
         if self._finished:
             raise RuntimeError("add_token() after the detokenizer finished (stop string or finish())")
         token_id = int(token_id)
         if token_id in self._skipped_ids:
             return DetokenizerUpdate("", None)
         self._window.append(token_id)
-        return self._accept(self._decode_step(), final=False)
+        return self._accept(self._decode_step(), final=False, match_stops=match_stops)
 
     def finish(self) -> str:
         """End of generation (not by stop string): flush pending tokens and held text; return it."""
@@ -221,11 +225,14 @@ class IncrementalDetokenizer:
 
     # -- stop strings ---------------------------------------------------------------------------
 
-    def _accept(self, new_text: str, final: bool) -> DetokenizerUpdate:
+    def _accept(self, new_text: str, final: bool, match_stops: bool = True) -> DetokenizerUpdate:
         """Append new_text to the held text, look for stop strings, and release what is safe."""
         if not new_text and not final:
             return DetokenizerUpdate("", None)
         text = self._held + new_text
+        if not match_stops:
+            self._held = ""
+            return DetokenizerUpdate(text, None)
         match = _find_stop(text, self._stops) if self._stops else None
         if match is not None:
             start, stop = match

@@ -1,4 +1,10 @@
-"""The engine: add requests, step (schedule -> run -> update), stream each request's tokens.
+"""The engine: add requests, step (schedule -> run -> output), stream each request's tokens.
+
+The engine composes the pieces and runs the loop; it builds no tensors itself. InputProcessor
+(inputs.py) turns prompts into validated token ids; Scheduler (scheduler.py, with the
+BlockManager) picks each step's tokens; ModelRunner (runner.py) owns the device: model, KV
+cache, attention backend, step buffers; OutputProcessor (output.py) turns sampled ids into text
+and finish decisions; telemetry.py aggregates the per-head statistics.
 
 Use it inline from one thread (`stream()` drives the steps itself), or call `start()` to run
 the loop on a background thread and read streams from any thread or asyncio task. All engine
@@ -22,7 +28,8 @@ import torch
 
 from server.config import EngineConfig
 from server.engine.block_manager import BlockManager
-from server.engine.errors import ContextLengthExceededError, EngineDeadError, InvalidRequestError, UnknownRequestError
+from server.engine.errors import EngineDeadError, InvalidRequestError, UnknownRequestError
+from server.engine.inputs import InputProcessor
 from server.engine.loader import LoadedModel, load_model
 from server.engine.output import EventFold, OutputProcessor, TokenEvent
 from server.engine.request import FinishReason, Request, RequestStats, RequestStatus, SamplingParams
@@ -135,6 +142,7 @@ class Engine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.inputs = InputProcessor(self.tokenizer, mc.vocab_size, self.max_model_len)
         self.output = OutputProcessor(self.tokenizer, self.max_model_len)
         tc = config.telemetry
         self.head_stats = HeadStatsAccumulator(mc.num_layers, mc.num_heads, tc.histogram_buckets,
@@ -163,20 +171,11 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=True))
+        return self.inputs.tokenize(text)
 
     def chat_prompt(self, messages: Sequence[dict], add_generation_prompt: bool = True, **template_kwargs) -> list[int]:
         """Token ids of messages rendered through the model's chat template."""
-        if not messages:
-            raise InvalidRequestError("messages must not be empty", param="messages")
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidRequestError("this model has no chat template; use a plain prompt", param="messages")
-        try:
-            text = self.tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt, **template_kwargs)
-        except Exception as exc:  # jinja errors, bad roles: the client's input
-            raise InvalidRequestError(f"chat template failed: {exc}", param="messages") from exc
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return self.inputs.chat_prompt(messages, add_generation_prompt, **template_kwargs)
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                     request_id: str | None = None, internal: bool = False) -> str:
@@ -188,33 +187,14 @@ class Engine:
         params = params or SamplingParams()
         if isinstance(params, SamplingParams) is False:
             raise InvalidRequestError("params must be SamplingParams", param="params")
-        if isinstance(prompt, str):
-            ids = self.tokenize(prompt)
-        else:
-            ids = list(prompt)
-            vocab = self.model_config.vocab_size
-            if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-                raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
-        if not ids:
-            raise InvalidRequestError("prompt must not be empty", param="prompt")
-        if len(ids) >= self.max_model_len:
-            raise ContextLengthExceededError(
-                f"prompt has {len(ids)} tokens; the context window is {self.max_model_len} tokens "
-                f"and at least one must be left to generate", param="prompt")
-        if params.max_tokens is None:
-            max_tokens = self.max_model_len - len(ids)
-        elif len(ids) + params.max_tokens > self.max_model_len:
-            raise ContextLengthExceededError(
-                f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the context window "
-                f"of {self.max_model_len} tokens", param="max_tokens")
-        else:
-            max_tokens = params.max_tokens
+        prepared = self.inputs.prepare(prompt, params)
+        ids = prepared.token_ids
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
         with self._inbox_lock:
             if rid in self._live or rid in self._streams:
                 raise InvalidRequestError(f"request id {rid!r} is already in use", param="request_id")
             req = Request(request_id=rid, prompt_token_ids=ids, params=params, arrival_time=time.monotonic(),
-                          max_tokens=max_tokens, eos_token_ids=self.eos_token_ids,
+                          max_tokens=prepared.max_tokens, eos_token_ids=self.eos_token_ids,
                           seed=params.seed if params.seed is not None else self._rng.getrandbits(63),
                           internal=internal)
             mc = self.model_config

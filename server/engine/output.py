@@ -79,7 +79,8 @@ class OutputProcessor:
     """Sampled token ids -> text and finish decisions, one incremental detokenizer per request.
 
     Finish rules, in order: an EOS token (unless ignore_eos) or a stop token id ends the request
-    with STOP and adds no text; a stop string ends it with STOP once min_tokens are out; reaching
+    with STOP and adds no text; a stop string ends it with STOP (stop strings are looked for from
+    the min_tokens-th output token on: earlier text is released unchecked); reaching
     max_tokens or the context window ends it with LENGTH. Text still held back (a possible stop
     string's start, an incomplete character) is flushed when a request ends other than by a stop
     string. Runs on the engine's step thread: its cost per token is measured in BENCHMARKS.md.
@@ -101,8 +102,8 @@ class OutputProcessor:
             return TextUpdate(detok.finish(), FinishReason.STOP)
         if token_id in p.stop_token_ids:
             return TextUpdate(detok.finish(), FinishReason.STOP, token_id)
-        update = detok.add_token(token_id)
-        if update.stop_string is not None and req.num_output_tokens >= p.min_tokens:
+        update = detok.add_token(token_id, match_stops=req.num_output_tokens >= p.min_tokens)
+        if update.stop_string is not None:
             return TextUpdate(update.text, FinishReason.STOP, update.stop_string)
         if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
             return TextUpdate(update.text + detok.finish(), FinishReason.LENGTH)

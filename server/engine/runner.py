@@ -98,32 +98,44 @@ class ModelRunner:
                                        config.telemetry.sink_tokens, max_model_len)
         sc = config.scheduler
         self.buffers = StepBuffers(sc.max_num_seqs, sc.max_num_batched_tokens, -(-max_model_len // bs), self.device)
+        # per block-table row: (request id, preemptions, blocks written) as of the last step, so a
+        # row that holds the same sequence again only gets its new blocks written
+        self._table_rows: list[tuple[str, int, int] | None] = [None] * sc.max_num_seqs
 
     def _fill(self, scheduled: list[ScheduledRequest], stats_seqs: list[int] | None) -> AttentionMetadata:
         """Write the step's inputs into the buffers; scheduled is in decodes-first order."""
         buf, bs = self.buffers, self.block_size
         npb = buf.np
+        ids, positions, slots = npb["input_ids"], npb["positions"], npb["slot_mapping"]
         qsl, lens, table = npb["query_start_loc"], npb["seq_lens"], npb["block_table"]
-        row = 0
+        row, width, max_len, num_decodes = 0, 1, 0, 0
         qsl[0] = 0
-        width = 1
         for b, s in enumerate(scheduled):
             req, start, n = s.request, s.start, s.num_new_tokens
-            npb["input_ids"][row:row + n] = req.token_ids[start:start + n]
-            npb["positions"][row:row + n] = np.arange(start, start + n)
             blocks = req.block_ids
-            table[b, :len(blocks)] = blocks
-            width = max(width, len(blocks))
+            held = self._table_rows[b]
+            done = held[2] if held is not None and held[:2] == (req.request_id, req.num_preemptions) else 0
+            if done < len(blocks):
+                table[b, done:len(blocks)] = blocks[done:]
+            self._table_rows[b] = (req.request_id, req.num_preemptions, len(blocks))
+            if n == 1:  # a decode: scalars, no array ops
+                num_decodes += 1
+                ids[row] = req.token_ids[start]
+                positions[row] = start
+                slots[row] = blocks[start // bs] * bs + start % bs
+            else:
+                pos = np.arange(start, start + n)                                          # [n]
+                ids[row:row + n] = req.token_ids[start:start + n]
+                positions[row:row + n] = pos
+                slots[row:row + n] = table[b, pos // bs].astype(np.int64) * bs + pos % bs  # [n]
             row += n
             qsl[b + 1] = row
             lens[b] = start + n
+            width = max(width, len(blocks))
+            max_len = max(max_len, start + n)
         num_seqs, num_tokens = len(scheduled), row
-        pos = npb["positions"][:num_tokens]                                               # [T]
-        seq_of_row = np.repeat(np.arange(num_seqs), np.diff(qsl[:num_seqs + 1]))          # [T]
-        npb["slot_mapping"][:num_tokens] = table[seq_of_row, pos // bs].astype(np.int64) * bs + pos % bs  # [T]
         return AttentionMetadata(
-            num_decodes=sum(1 for s in scheduled if s.num_new_tokens == 1), num_tokens=num_tokens,
-            max_seq_len=int(lens[:num_seqs].max()),
+            num_decodes=num_decodes, num_tokens=num_tokens, max_seq_len=max_len,
             slot_mapping=buf.to_device("slot_mapping", num_tokens),                      # [T]
             query_start_loc=buf.to_device("query_start_loc", num_seqs + 1),              # [B + 1]
             seq_lens=buf.to_device("seq_lens", num_seqs),                                # [B]

@@ -88,12 +88,14 @@ def finalize_stats(acc: torch.Tensor, context_lens: torch.Tensor) -> torch.Tenso
     broadcastable to acc's leading dims. Returns [..., H, NUM_STATS] in STAT_NAMES order.
     """
     l, t, sink, pos_sum = acc.unbind(dim=-1)                         # [..., H] each
+    inv_l = l.reciprocal()                                           # [..., H] the max weight
+    entropy = torch.log(l) - t * inv_l                               # [..., H] both terms >= 0
     n = context_lens.to(acc.dtype)[..., None]                        # [..., 1]
-    entropy = torch.log(l) - t / l                                   # [..., H] both terms >= 0
-    norm_entropy = torch.where(n > 1, entropy / torch.log(n).clamp_min(1e-30), 0.0)  # [..., H]
     i = n - 1                                                        # [..., 1] query position
-    lookback = torch.where(i > 0, (i - pos_sum / l) / i.clamp_min(1.0), 0.0)  # [..., H]
-    return torch.stack([entropy, norm_entropy, 1.0 / l, sink / l, lookback], dim=-1)  # [..., H, 5]
+    inv_log_n = torch.where(n > 1, torch.log(n), torch.inf).reciprocal()  # [..., 1], 0 for one key
+    inv_i = torch.where(i > 0, i, torch.inf).reciprocal()            # [..., 1], 0 at position 0
+    lookback = (i - pos_sum * inv_l) * inv_i                         # [..., H]
+    return torch.stack([entropy, entropy * inv_log_n, inv_l, sink * inv_l, lookback], dim=-1)  # [..., H, 5]
 
 
 @dataclass(frozen=True)

@@ -287,3 +287,20 @@ def test_one_request_can_fill_the_whole_context_window(tiny_llama_dir):
     done = engine.generate([prompt], SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))[0]
     assert done.finish_reason is FinishReason.LENGTH and len(prompt) + len(done.token_ids) == 2048
     assert_blocks_all_free(engine)
+
+
+def test_stop_string_before_min_tokens_is_ignored_not_an_error(tiny_llama_dir):
+    """A stop string that appears before min_tokens are out neither ends nor fails the request;
+    one that appears after does end it."""
+    engine = tiny_engine(tiny_llama_dir)
+    base = engine.generate(["Hello world"], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0]
+    early = engine.tokenizer.decode(list(base.token_ids[:2]))
+    assert early.strip(), "the tiny model's first tokens decode to text"
+    needle = early.strip()[0]
+    r = engine.generate(["Hello world"], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True,
+                                                       stop=(needle,), min_tokens=16))[0]
+    assert r.finish_reason is FinishReason.LENGTH
+    assert r.token_ids == base.token_ids and r.text == base.text
+    r = engine.generate(["Hello world"], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True,
+                                                       stop=(needle,), min_tokens=1))[0]
+    assert r.finish_reason is FinishReason.STOP and r.stop_reason == needle

@@ -154,6 +154,8 @@ class TorchAttentionBackend:
         self.scale = 1.0 / math.sqrt(k0.shape[-1])
         n = max_positions or cache.num_blocks * cache.block_size
         self.key_weights = key_weights(n, sink_tokens, k0.device, k0.dtype)  # [P, 2]
+        self.positions = torch.arange(n, device=k0.device)                     # [P]
+        self.block_offsets = torch.arange(cache.block_size, device=k0.device)  # [bs]
 
     @staticmethod
     def supports(device: torch.device) -> bool:
@@ -167,17 +169,17 @@ class TorchAttentionBackend:
         decode_stats = None
         if stats and bd and stats[:bd] != list(range(bd)):
             decode_stats = torch.tensor([s for s in stats if s < bd], dtype=torch.long, device=dev)  # [Rd]
-        decode_lens = meta.seq_lens[:bd].long()                                                   # [Bd]
+        decode_lens = meta.seq_lens[:bd]                                                          # [Bd]
         decode_slots = (self._slots(meta.block_table[:bd], decode_lens, int(meta.seq_lens_cpu[:bd].max()))
                         if bd else None)                                                          # [Bd, N]
         want = set(stats)
         qsl = meta.query_start_loc_cpu.tolist()
         lens = meta.seq_lens_cpu.tolist()
-        offsets = torch.arange(bs, dtype=torch.long, device=dev)                                  # [bs]
+        offsets = self.block_offsets                                                              # [bs]
         prefills = []
         for b in range(bd, meta.num_seqs):
             c = lens[b]
-            table = meta.block_table[b, :-(-c // bs)].long()                                      # [W]
+            table = meta.block_table[b, :-(-c // bs)]                                             # [W]
             slots = (table[:, None] * bs + offsets).reshape(-1)[:c]                               # [C]
             prefills.append(PrefillSpan(qsl[b], qsl[b + 1] - qsl[b], slots, b in want))
         return TorchPlan(meta.slot_mapping, bd, decode_slots, decode_lens, decode_stats, tuple(prefills), bool(stats))
@@ -187,9 +189,8 @@ class TorchAttentionBackend:
         past them. table [B, max_blocks] int32, lens [B] -> [B, n]."""
         bs = self.cache.block_size
         width = -(-n // bs)
-        offsets = torch.arange(bs, dtype=torch.long, device=table.device)                         # [bs]
-        slots = (table[:, :width].long()[:, :, None] * bs + offsets).reshape(table.shape[0], -1)[:, :n]  # [B, n]
-        inside = torch.arange(n, device=table.device)[None, :] < lens[:, None]                    # [B, n]
+        slots = (table[:, :width, None] * bs + self.block_offsets).view(table.shape[0], -1)[:, :n]  # [B, n]
+        inside = self.positions[:n] < lens[:, None]                                               # [B, n]
         return torch.where(inside, slots, self.cache.pad_slot)                                    # [B, n]
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
