@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "cores": os.cpu_count(), "trees": {}}
     for tree, results in runs.items():
         summary["trees"][tree] = [
-            {"batch": b, **{k: statistics.median(res["batches"][i][k] for res in results) for k in keys}}
+            {"batch": b, **{k: statistics.median(res["batches"][i][k] for res in results) for k in keys},
+             "step_ms_by_round": [round(res["batches"][i]["step_ms"], 2) for res in results],
+             "host_ms_by_round": [round(res["batches"][i]["host_ms"], 3) for res in results]}
             for i, b in enumerate(batches)]
     from benchmarks.report import emit
 
