@@ -21,7 +21,7 @@ from server.config import EngineConfig, ModelConfig
 from server.engine.attention import AttentionMetadata, build_backend
 from server.engine.kv_cache import KVCache, num_blocks_for
 from server.engine.model import LlamaModel
-from server.engine.request import TokenLogprob
+from server.engine.request import Request, TokenLogprob
 from server.engine.sampler import SamplingRow, derive_seed, sample
 from server.engine.scheduler import Batch, ScheduledRequest
 from server.engine.telemetry import finalize_stats
@@ -98,9 +98,10 @@ class ModelRunner:
                                        config.telemetry.sink_tokens, max_model_len)
         sc = config.scheduler
         self.buffers = StepBuffers(sc.max_num_seqs, sc.max_num_batched_tokens, -(-max_model_len // bs), self.device)
-        # per block-table row: (request id, preemptions, blocks written) as of the last step, so a
-        # row that holds the same sequence again only gets its new blocks written
-        self._table_rows: list[tuple[str, int, int] | None] = [None] * sc.max_num_seqs
+        # per block-table row: (request, its preemptions, blocks written) as of the last write, so a
+        # row that holds the same sequence again only gets its new blocks written (the request
+        # object, not its id: a finished request's id may be used again)
+        self._table_rows: list[tuple[Request, int, int] | None] = [None] * sc.max_num_seqs
 
     def _fill(self, scheduled: list[ScheduledRequest], stats_seqs: list[int] | None) -> AttentionMetadata:
         """Write the step's inputs into the buffers; scheduled is in decodes-first order."""
@@ -114,10 +115,10 @@ class ModelRunner:
             req, start, n = s.request, s.start, s.num_new_tokens
             blocks = req.block_ids
             held = self._table_rows[b]
-            done = held[2] if held is not None and held[:2] == (req.request_id, req.num_preemptions) else 0
+            done = held[2] if held is not None and held[0] is req and held[1] == req.num_preemptions else 0
             if done < len(blocks):
                 table[b, done:len(blocks)] = blocks[done:]
-            self._table_rows[b] = (req.request_id, req.num_preemptions, len(blocks))
+            self._table_rows[b] = (req, req.num_preemptions, len(blocks))
             if n == 1:  # a decode: scalars, no array ops
                 num_decodes += 1
                 ids[row] = req.token_ids[start]
@@ -169,7 +170,7 @@ class ModelRunner:
                           attention_times=out.attention_times)
 
     @staticmethod
-    def _sampling_row(req) -> SamplingRow:
+    def _sampling_row(req: Request) -> SamplingRow:
         p = req.params
         suppress = ()
         if req.num_output_tokens < p.min_tokens:

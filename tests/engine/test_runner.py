@@ -1,0 +1,52 @@
+"""The model runner: step buffers that live across steps never carry one sequence's layout into another's."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from server.config import CacheConfig, EngineConfig, SchedulerConfig
+from server.engine.engine import Engine
+from server.engine.request import Request, SamplingParams
+from server.engine.scheduler import ScheduledRequest
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_llama_dir):
+    return Engine(EngineConfig(model=tiny_llama_dir, cache=CacheConfig(num_blocks=64),
+                               scheduler=SchedulerConfig(max_model_len=256))).runner
+
+
+def _scheduled(rid: str, blocks: list[int], num_tokens: int, preemptions: int = 0) -> ScheduledRequest:
+    req = Request(request_id=rid, prompt_token_ids=list(range(1, num_tokens + 1)), params=SamplingParams(),
+                  arrival_time=time.monotonic(), max_tokens=4, block_ids=list(blocks), num_preemptions=preemptions)
+    req.num_computed_tokens = num_tokens - 1
+    return ScheduledRequest.of(req, 1)
+
+
+def _table_row(runner, sched: ScheduledRequest) -> list[int]:
+    meta = runner._fill([sched], None)
+    return meta.block_table[0, :len(sched.request.block_ids)].tolist()
+
+
+def test_block_table_rows_follow_the_sequence_they_hold(runner):
+    bs = runner.block_size
+    first = _scheduled("same", [1, 2, 3], 3 * bs)
+    assert _table_row(runner, first) == [1, 2, 3]
+    first.request.block_ids.append(4)                     # the same sequence grows: one more block
+    first.request.token_ids.extend([1] * bs)
+    first.request.num_computed_tokens += bs
+    grown = ScheduledRequest.of(first.request, 1)
+    assert _table_row(runner, grown) == [1, 2, 3, 4]
+    # a new request that reuses a finished one's id, in the same row, with other blocks
+    reused = _scheduled("same", [9, 8, 7, 6, 5], 5 * bs)
+    assert _table_row(runner, reused) == [9, 8, 7, 6, 5]
+    # the same request after a preemption: recomputed into new blocks
+    req = reused.request
+    req.block_ids[:] = [11, 12, 13, 14, 15]
+    req.num_preemptions += 1
+    assert _table_row(runner, ScheduledRequest.of(req, 1)) == [11, 12, 13, 14, 15]
+    meta = runner._fill([ScheduledRequest.of(req, 1)], None)
+    pos = req.num_computed_tokens
+    assert meta.slot_mapping.tolist() == [req.block_ids[pos // bs] * bs + pos % bs]
