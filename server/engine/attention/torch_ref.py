@@ -91,27 +91,6 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return out.transpose(0, 1)                                       # [n, H, D]
 
 
-
-
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention of a chunk's n query rows over C >= n keys (the first C - n cached).
-
-    q [n, H, D]; k, v [C, KVH, D] -> out [n, H, D].
-    """
-    n, h, _ = q.shape
-    c, kvh, _ = k.shape
-    qh = q.transpose(0, 1)                                           # [H, n, D]
-    kh = k.transpose(0, 1).repeat_interleave(h // kvh, dim=0)        # [H, C, D]
-    vh = v.transpose(0, 1).repeat_interleave(h // kvh, dim=0)        # [H, C, D]
-    if c == n:
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)  # [H, n, D]
-    else:
-        rows = torch.arange(n, device=q.device)[:, None] + (c - n)   # [n, 1] query positions
-        mask = torch.arange(c, device=q.device)[None, :] <= rows      # [n, C]
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)  # [H, n, D]
-    return out.transpose(0, 1)                                       # [n, H, D]
-
-
 @dataclass(frozen=True)
 class PrefillSpan:
     """One prefill sequence's chunk: rows start .. start + length - 1 of the flat batch."""
