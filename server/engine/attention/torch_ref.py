@@ -11,7 +11,7 @@ pass that produces the attention output, the centred accumulators of a flash-sty
 a single tile: m = max s, e_j = exp(s_j - m), l = sum e, t = sum e (s - m) <= 0. Masked keys
 get a large finite score instead of -inf, so e_j is exactly 0 there and e_j (s_j - m) is 0 too
 (0 * -inf would be NaN): no separate masking pass. The two weighted sums come out of one matmul
-of e with fixed per-key weights (j < 4, j), built once per step. The output is bit-identical
+of e with fixed per-key weights (j < sink_tokens, j), built once at start-up. The output is bit-identical
 with telemetry on or off (l is the same sum either way), so sampling telemetry never changes
 a generated token. Then entropy H = ln l - t/l (both terms >= 0, no cancellation),
 max weight 1/l, sink mass sum_{j<4} e_j / l, look-back distance (i - sum e_j j / l) / i.
