@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
 from server.config import ModelConfig
-from server.engine.engine import EngineStats, StepStats
+from server.engine.engine import ERROR_REASONS, EngineStats, StepStats
 from server.engine.request import FinishReason
 from server.engine.telemetry import HeadStats
 from server.exposition import HeadStatsText, LayerHistograms, ModelDescription
@@ -72,8 +72,9 @@ class Metrics:
         success = Counter("headwise_request_success", "Finished requests by finish reason.",
                           ["model", "finished_reason"], registry=self.registry)
         self._success = {r: success.labels(model, r) for r in FINISH_REASONS}
-        self._errors = Counter("headwise_request_errors", "Requests ended by an engine failure.",
-                               ["model"], registry=self.registry).labels(model)
+        errors = Counter("headwise_request_errors", "Requests ended by an engine failure, by cause.",
+                         ["model", "reason"], registry=self.registry)
+        self._errors = {r: errors.labels(model, r) for r in (*ERROR_REASONS, "other")}
         self.registry.register(_EngineCollector(self, version))
         mc = engine.model_config
         self.attention = LayerHistograms(mc.num_layers, ATTENTION_TIME_BUCKETS)
@@ -94,7 +95,7 @@ class Metrics:
         for f in step.finished:
             st = f.stats
             if f.finish_reason == FinishReason.ERROR:
-                self._errors.inc()
+                self._errors[f.error_reason if f.error_reason in self._errors else "other"].inc()
             else:
                 self._success[f.finish_reason.value].inc()
             h["e2e"].observe(st.e2e_latency)

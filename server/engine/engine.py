@@ -34,11 +34,15 @@ from server.engine.loader import LoadedModel, load_model
 from server.engine.output import EventFold, OutputProcessor, TokenEvent
 from server.engine.request import FinishReason, Request, RequestStats, RequestStatus, SamplingParams
 from server.engine.runner import ModelRunner, StepOutput
-from server.engine.scheduler import Batch, Scheduler
+from server.engine.scheduler import Batch, ScheduledRequest, Scheduler
 from server.engine.streams import RequestStream
 from server.engine.telemetry import HeadStats, HeadStatsAccumulator, RequestHeadTelemetry, RequestTelemetry
 
 log = logging.getLogger("headwise.engine")
+
+
+# Why the engine ended a request with FinishReason.ERROR (a label of the error counter).
+ERROR_REASONS = ("step_failed", "nonfinite_logits", "update_failed")
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class FinishedRequest:
     finish_reason: FinishReason
     stats: RequestStats
     head_telemetry: RequestHeadTelemetry | None
+    error_reason: str | None = None  # for FinishReason.ERROR: one of ERROR_REASONS
 
 
 @dataclass(frozen=True)
@@ -240,14 +245,14 @@ class Engine:
                     if s.request.first_scheduled_time is None:
                         s.request.first_scheduled_time = now
                 telemetry = self._telemetry_sampler.due()
-                try:
-                    out = self.runner.execute(batch, telemetry, time_attention=self._timing_sampler.due())
-                except Exception as exc:  # a failed step fails its requests, never the loop
-                    log.exception("step failed; failing %d requests", len(batch.scheduled))
-                    for s in batch.scheduled:
-                        events.append(self._finish(s.request, FinishReason.ERROR, error=f"engine step failed: {exc}"))
-                else:
-                    events.extend(self._update(batch, out))
+                runs, failed = self._execute(batch.scheduled, telemetry, self._timing_sampler.due())
+                events.extend(failed)
+                for part, run in runs:
+                    events.extend(self._update(part, run))
+                if runs:
+                    out = runs[0][1] if len(runs) == 1 else StepOutput(
+                        sampled=tuple(t for _, r in runs for t in r.sampled), stats=None,
+                        num_tokens=sum(r.num_tokens for _, r in runs))
                     self.steps += 1
             if out is not None or self._step_finished:
                 step = StepStats(
@@ -259,6 +264,30 @@ class Engine:
                     finished=tuple(self._step_finished), attention_times=out.attention_times if out else None)
                 self._notify(step)
             return self._publish(events)
+
+    def _execute(self, scheduled: Sequence[ScheduledRequest], telemetry: bool, timed: bool
+                 ) -> tuple[list[tuple[Batch, StepOutput]], list[TokenEvent]]:
+        """Run one step's requests. When the step fails, run it again in halves until each failure
+        is pinned on one request, end only those (with an error of their own: no other request's
+        exception text) and serve the rest. A step's side effects before sampling (K/V written
+        into the batch's own slots) are the same when it runs again, and seeded sampling does
+        not depend on the batch, so the requests that go on produce what they would have."""
+        part = Batch(tuple(scheduled), ())
+        try:
+            return [(part, self.runner.execute(part, telemetry, time_attention=timed))], []
+        except Exception as exc:
+            if len(scheduled) == 1:
+                req = scheduled[0].request
+                log.exception("request %s fails every step it runs in; ending it", req.request_id)
+                return [], [self._finish(req, FinishReason.ERROR, error_reason="step_failed",
+                                         error=f"the engine could not run this request ({type(exc).__name__}); "
+                                               "it was ended so that the others could go on")]
+            log.warning("step of %d requests failed (%s: %s); running it again in halves to find the cause",
+                        len(scheduled), type(exc).__name__, exc)
+        half = len(scheduled) // 2
+        first, failed_first = self._execute(scheduled[:half], telemetry, False)
+        second, failed_second = self._execute(scheduled[half:], telemetry, False)
+        return first + second, failed_first + failed_second
 
     def _notify(self, step: StepStats) -> None:
         for observer in self._observers:
@@ -299,11 +328,19 @@ class Engine:
         now = time.monotonic()
         for tok in out.sampled:
             live = self._live[tok.request_id]
+            if tok.nonfinite:
+                log.error("request %s: non-finite logits; ending it", tok.request_id)
+                events.append(self._finish(live.request, FinishReason.ERROR, error_reason="nonfinite_logits",
+                                           error="the model's logits for this request were not finite (NaN or "
+                                                 "inf), so no token could be drawn"))
+                continue
             try:
                 events.append(self._accept(live, tok, now, out.stats))
             except Exception as exc:  # e.g. a detokenizer failure: this request only
                 log.exception("update of %s failed", tok.request_id)
-                events.append(self._finish(live.request, FinishReason.ERROR, error=f"engine update failed: {exc}"))
+                events.append(self._finish(live.request, FinishReason.ERROR, error_reason="update_failed",
+                                           error=f"the engine could not process this request's output "
+                                                 f"({type(exc).__name__})"))
         return events
 
     def _accept(self, live: _Live, tok, now: float, stats: torch.Tensor | None) -> TokenEvent:
@@ -331,7 +368,9 @@ class Engine:
                             text=update.text, logprobs=logprobs)
 
     def _finish(self, req: Request, reason: FinishReason, *, stop_reason=None, token_ids=(), text="",
-                logprobs=None, error: str | None = None) -> TokenEvent:
+                logprobs=None, error: str | None = None, error_reason: str | None = None) -> TokenEvent:
+        """End a request: free it, and build its final event. For FinishReason.ERROR, error is
+        the client's message and error_reason the counted cause (ERROR_REASONS)."""
         self.scheduler.finish(req, reason)
         req.stop_reason = stop_reason
         live = self._live[req.request_id]
@@ -351,7 +390,7 @@ class Engine:
         head = live.telemetry.result() if live.telemetry is not None else None
         if not req.internal:
             self._step_finished.append(FinishedRequest(req.request_id, reason, stats,
-                                                       head if head and head.rows else None))
+                                                       head if head and head.rows else None, error_reason))
         return TokenEvent(req.request_id, tuple(token_ids), text, logprobs, finished=True, finish_reason=reason,
                           stop_reason=stop_reason, stats=stats,
                           head_telemetry=head if req.params.head_telemetry else None, error=error)

@@ -13,6 +13,11 @@ from dataclasses import dataclass, field
 from server.engine.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+# Temperatures below this act as greedy (vLLM's threshold): dividing logits by less overflows
+# float32 to inf, and the draw would be greedy anyway.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+# Temperatures above this act as this: the distribution is already flat to float precision.
+MAX_EFFECTIVE_TEMPERATURE = 1e4
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 
@@ -49,7 +54,8 @@ def _integer(name: str, value: object) -> int:
 class SamplingParams:
     """How to pick tokens and when to stop. Defaults: temperature 1, no truncation, no penalty.
 
-    temperature 0 is greedy. top_k 0 (or -1) means off. max_tokens None means up to the context
+    temperature 0 (or below GREEDY_BELOW_TEMPERATURE) is greedy; above MAX_EFFECTIVE_TEMPERATURE
+    it acts as that value. top_k 0 (or -1) means off. max_tokens None means up to the context
     window. logprobs None means none; k >= 0 returns the sampled token's log-probability and
     the k most likely alternatives. seed makes sampling reproducible whatever else is batched.
     """
@@ -112,7 +118,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 @dataclass(frozen=True)

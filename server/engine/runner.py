@@ -34,6 +34,7 @@ class SampledToken:
     token_id: int
     logprob: TokenLogprob | None
     telemetry_row: int | None  # row of StepOutput.stats, when telemetry ran this step
+    nonfinite: bool = False    # the row's logits held NaN or inf: token_id is not a real draw
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ class ModelRunner:
         result = sample(out.logits.float(), rows) if rows else None
         sampled = tuple(
             SampledToken(scheduled[b].request.request_id, result.token_ids[k], result.logprobs[k],
-                         k if stats is not None else None)
+                         k if stats is not None else None, k in result.nonfinite_rows)
             for k, b in enumerate(samples))
         return StepOutput(sampled=sampled, stats=stats, num_tokens=meta.num_tokens,
                           attention_times=out.attention_times)

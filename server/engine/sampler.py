@@ -24,6 +24,13 @@ never used.
 Log-probabilities are vLLM's default "raw" ones: log_softmax of the logits as given, before
 suppression, penalties and temperature.
 
+Hostile parameters cannot break a row, nor reach its neighbours: token ids are checked against
+the vocabulary before any flat index is formed; penalties are applied in float64 and the results
+held within +-PENALIZED_LOGIT_LIMIT (a suppressed -inf stays -inf); temperatures below
+GREEDY_BELOW_TEMPERATURE are greedy and above MAX_EFFECTIVE_TEMPERATURE are clamped to it, so
+logits / temperature stays finite; a drawn index is never past the vocabulary. A row whose raw
+logits are not finite is reported in SamplerOutput.nonfinite_rows (its request fails alone).
+
 References: vLLM v1 sampler (vllm/v1/sample/), Hugging Face logits processors
 (RepetitionPenalty, TopK, TopP, MinP), OpenAI's presence/frequency penalty formula.
 """
@@ -36,9 +43,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from server.engine.request import SamplingParams, TokenLogprob
+from server.engine.request import MAX_EFFECTIVE_TEMPERATURE, SamplingParams, TokenLogprob
 
 _MASK64 = (1 << 64) - 1
+# Where penalized logits are held: far above any model's logits, far below float32's limit once
+# divided by the smallest sampled temperature.
+PENALIZED_LOGIT_LIMIT = 1e30
 _TOP_P_CANDIDATES = 64   # top-p's first look; 8x more for the rows whose candidates fall short
 
 
@@ -57,6 +67,7 @@ class SamplingRow:
 class SamplerOutput:
     token_ids: list[int]                        # one per row
     logprobs: list[TokenLogprob | None]         # None where the row's params.logprobs is None
+    nonfinite_rows: frozenset[int] = frozenset()  # rows whose logits held NaN or inf: no valid token
 
 
 # ---------------------------------------------------------------------------------------- seeds
@@ -96,12 +107,15 @@ def _as_ids(ids: Sequence[int]) -> torch.Tensor:
 
 
 def _flat_ids(token_ids: Sequence[Sequence[int]], vocab: int, device) -> torch.Tensor:
-    """Row-major flat indices b * vocab + t of every t in row b's list (duplicates kept)."""
-    parts = [_as_ids(ids).to(device) + b * vocab
-             for b, ids in enumerate(token_ids) if len(ids)]         # P x [n_b]
-    if not parts:
+    """Row-major flat indices b * vocab + t of every t in row b's list (duplicates kept).
+    Raises ValueError for an id outside [0, vocab): it would index another row."""
+    rows = [(b, _as_ids(ids)) for b, ids in enumerate(token_ids) if len(ids)]  # P x [n_b]
+    if not rows:
         return torch.zeros(0, dtype=torch.long, device=device)        # [0]
-    return torch.cat(parts)                                           # [N]
+    for b, ids in rows:
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise ValueError(f"token id outside the vocabulary [0, {vocab}) in sampling row {b}")
+    return torch.cat([ids.to(device) + b * vocab for b, ids in rows])  # [N]
 
 
 def suppress_tokens_(out: torch.Tensor, token_ids: Sequence[Sequence[int]]) -> None:
@@ -146,7 +160,11 @@ def penalize(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     penalties = any(_has_penalty(r.params) for r in rows)
     if not (suppress or penalties):
         return logits
-    out = logits.clone(memory_format=torch.contiguous_format)         # [B, V]
+    if not penalties:
+        out = logits.clone(memory_format=torch.contiguous_format)     # [B, V]
+        suppress_tokens_(out, [r.suppress_token_ids for r in rows])
+        return out
+    out = logits.to(torch.float64, memory_format=torch.contiguous_format)  # [B, V] float64: 1e-300 penalties
     if suppress:
         suppress_tokens_(out, [r.suppress_token_ids for r in rows])
     if penalties:
@@ -159,14 +177,17 @@ def penalize(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
             torch.tensor([r.params.frequency_penalty for r in rows], device=device),   # [B]
             torch.tensor([r.params.presence_penalty for r in rows], device=device),    # [B]
         )
-    return out
+    limit = PENALIZED_LOGIT_LIMIT
+    held = torch.where(out == float("-inf"), out, out.clamp(-limit, limit))  # [B, V] -inf stays suppressed
+    return held.to(logits.dtype)                                      # [B, V]
 
 
 # ---------------------------------------------------------------------------------- truncation
 
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """logits [B, V] divided by each row's temperature [B] (> 0)."""
-    return logits / temperature.to(logits)[:, None]                   # [B, V]
+    """logits [B, V] divided by each row's temperature [B] (> 0; above MAX_EFFECTIVE_TEMPERATURE
+    taken as that)."""
+    return logits / temperature.clamp(max=MAX_EFFECTIVE_TEMPERATURE).to(logits)[:, None]  # [B, V]
 
 
 def top_values(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,14 +269,15 @@ def inverse_cdf_draw(cdf: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     total = cdf[:, -1]                                                # [B]
     target = (uniforms.to(cdf.device) * total.double()).to(cdf.dtype)  # [B]
     target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))  # [B]
-    return torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)  # [B]
+    drawn = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)  # [B]
+    return drawn.clamp_(max=cdf.shape[-1] - 1)                        # [B] a NaN row must not index past V
 
 
 def sample_random(logits: torch.Tensor, params: Sequence[SamplingParams],
                   seeds: Sequence[int]) -> torch.Tensor:
     """Temperature, truncation and the seeded draw, for rows with temperature > 0."""
     device = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=device)  # [S]
+    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float64, device=device)  # [S]
     x = apply_temperature(logits, temperature)                        # [S, V]
     probs = torch.softmax(x, dim=-1)                                  # [S, V]
     if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):
@@ -315,5 +337,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         token_ids[s] = sample_random(x.index_select(0, s), [rows[i].params for i in random_rows],
                                      [rows[i].seed for i in random_rows])  # [S]
     ids = token_ids.tolist()
+    bad = (~torch.isfinite(raw).all(dim=-1)).nonzero().flatten().tolist()  # rows with NaN or inf logits
     return SamplerOutput(token_ids=ids,
-                         logprobs=compute_logprobs(raw, ids, [r.params.logprobs for r in rows]))
+                         logprobs=compute_logprobs(raw, ids, [r.params.logprobs for r in rows]),
+                         nonfinite_rows=frozenset(bad))

@@ -210,24 +210,43 @@ def test_background_loop_sync_and_async_streams(tiny_llama_dir):
         engine.shutdown()
 
 
-def test_failed_step_fails_only_its_requests(tiny_llama_dir, monkeypatch):
+def test_a_step_that_fails_is_pinned_on_its_request(tiny_llama_dir, monkeypatch):
+    """A step fails whenever one poisoned request is in it: that request alone ends (with an error
+    of its own, not the exception's text); its neighbours finish with the output they have alone."""
+    prompts = ["Hello world", "The capital of France", "Attention heads look back", "A quick brown fox"]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    solo = tiny_engine(tiny_llama_dir)
+    expected = [alone(solo, p, params) for p in prompts]
     engine = tiny_engine(tiny_llama_dir)
-    rid = engine.add_request("Hello", SamplingParams(max_tokens=5, temperature=0))
     real = engine.runner.execute
     calls = {"n": 0}
 
-    def flaky(batch, stats, **kwargs):
+    def poisoned(batch, stats, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("boom")
+        if any(s.request.request_id == "poison" for s in batch.scheduled):
+            raise RuntimeError("index 400 is out of bounds (internal detail)")
         return real(batch, stats, **kwargs)
 
-    monkeypatch.setattr(engine.runner, "execute", flaky)
-    evs = engine.step()
-    assert evs[0].finish_reason is FinishReason.ERROR and "boom" in evs[0].error
+    monkeypatch.setattr(engine.runner, "execute", poisoned)
+    ids = [engine.add_request(p, params) for p in prompts[:2]]
+    bad = engine.add_request("Hello", params, request_id="poison")
+    ids += [engine.add_request(p, params) for p in prompts[2:]]
+    done = {rid: engine.collect(rid) for rid in ids + [bad]}
+    assert done[bad].finish_reason is FinishReason.ERROR
+    for rid, exp in zip(ids, expected):
+        assert (done[rid].token_ids, done[rid].finish_reason) == exp
+    assert calls["n"] > 8  # the failing step was run again in parts
     assert_blocks_all_free(engine)
-    ok = engine.generate(["Hello"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
-    assert len(ok.token_ids) == 5 and rid != ok.request_id
+
+
+def test_a_failing_step_error_names_no_internals(tiny_llama_dir, monkeypatch):
+    engine = tiny_engine(tiny_llama_dir)
+    monkeypatch.setattr(engine.runner, "execute", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("/secret/path")))
+    rid = engine.add_request("Hello", SamplingParams(max_tokens=5, temperature=0))
+    events = list(engine.stream(rid))
+    assert events[-1].finish_reason is FinishReason.ERROR
+    assert "/secret/path" not in events[-1].error and "RuntimeError" in events[-1].error
+    assert_blocks_all_free(engine)
 
 
 def test_request_telemetry_rows_and_sample_rate(tiny_llama_dir):
@@ -304,3 +323,62 @@ def test_stop_string_before_min_tokens_is_ignored_not_an_error(tiny_llama_dir):
     r = engine.generate(["Hello world"], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True,
                                                        stop=(needle,), min_tokens=1))[0]
     assert r.finish_reason is FinishReason.STOP and r.stop_reason == needle
+
+
+@pytest.mark.parametrize("their_max_tokens", [40, 200])
+def test_a_small_request_waits_one_step_behind_long_ones(tiny_llama_dir, their_max_tokens):
+    """Half the batch (the API's per-request cap) generating long outputs: a newcomer is admitted
+    at the next step and finishes within its own few steps, whatever their max_tokens."""
+    engine = tiny_engine(tiny_llama_dir, max_num_seqs=16)
+    long = SamplingParams(max_tokens=their_max_tokens, temperature=0, ignore_eos=True)
+    for i in range(8):
+        engine.add_request(PROMPTS[i], long)
+    for _ in range(3):
+        engine.step()                                   # prefilled, decoding
+    rid = engine.add_request("Hello", SamplingParams(max_tokens=1, temperature=0))
+    steps = 0
+    while True:
+        steps += 1
+        if any(ev.request_id == rid and ev.finished for ev in engine.step()):
+            break
+    assert steps == 1
+    while engine.has_unfinished():
+        engine.step()
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_refused(tiny_llama_dir):
+    engine = tiny_engine(tiny_llama_dir)
+    vocab = engine.model_config.vocab_size
+    with pytest.raises(InvalidRequestError, match=rf"stop_token_ids must be in \[0, {vocab}\)"):
+        engine.add_request("Hi", SamplingParams(max_tokens=5, min_tokens=2, stop_token_ids=(2147483647,)))
+    assert not engine.has_unfinished()
+
+
+def test_non_finite_logits_end_only_their_request(tiny_llama_dir, monkeypatch):
+    """The model gives NaN for one request's row: that request ends with its own error and a
+    counted reason, its neighbour goes on with its solo output."""
+    from server.engine import runner as runner_mod
+
+    engine = tiny_engine(tiny_llama_dir)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    expected = alone(tiny_engine(tiny_llama_dir), "Hello world", params)
+    real_sample = runner_mod.sample
+
+    def poisoning(logits, rows):
+        logits = logits.clone()
+        for i, r in enumerate(rows):
+            if r.prompt_token_ids == poison_ids:
+                logits[i] = float("nan")
+        return real_sample(logits, rows)
+
+    monkeypatch.setattr(runner_mod, "sample", poisoning)
+    poison_ids = engine.tokenize("A quick brown fox")
+    finished = []
+    engine.add_observer(lambda step: finished.extend(step.finished))
+    good = engine.add_request("Hello world", params)
+    bad = engine.add_request(poison_ids, params)
+    assert (engine.collect(good).token_ids, FinishReason.LENGTH) == expected
+    last = list(engine.stream(bad))[-1]
+    assert last.finish_reason is FinishReason.ERROR and "not finite" in last.error and not last.token_ids
+    assert [f.error_reason for f in finished if f.request_id == bad] == ["nonfinite_logits"]
+    assert_blocks_all_free(engine)

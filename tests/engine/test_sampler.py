@@ -481,3 +481,36 @@ def test_token_histories_may_be_lists_tuples_ranges_tensors_or_arrays():
                            (torch.tensor([1, 2, 3]), torch.tensor([5, 6, 6], dtype=torch.int32)),
                            (np.array([1, 2, 3]), np.array([5, 6, 6], dtype=np.int32))]:
         assert torch.equal(apply_penalties(x, [prompt], [output], *args), expected)
+
+
+# ------------------------------------------------------------------ hostile parameters stay in their row
+def test_tiny_and_huge_temperatures_and_penalties_give_valid_tokens():
+    x = _logits(4, 500, seed=21)                                      # [4, 500]
+    rows = [_row(temperature=1e-30, seed=1), _row(temperature=1e300, seed=2),
+            _row(repetition_penalty=1e-300, prompt=[3, 4], output=[5], seed=3),
+            _row(repetition_penalty=1e300, temperature=1e-5, output=[int(x[3].argmax())], seed=4)]
+    out = sample(x, rows)
+    assert all(0 <= t < 500 for t in out.token_ids) and not out.nonfinite_rows
+    assert out.token_ids[0] == int(x[0].argmax())                     # below 1e-5: greedy
+    assert rows[0].params.greedy and not rows[3].params.greedy
+    assert out.token_ids[2] in (3, 4, 5)                              # 1e-300 multiplies seen logits > 0 by 1e300
+
+
+def test_a_row_with_nan_logits_is_reported_and_leaves_the_others_alone():
+    x = _logits(3, 300, seed=5)                                       # [3, 300]
+    rows = [_row(temperature=0.7, seed=s) for s in (1, 2, 3)]
+    clean = sample(x, rows)
+    poisoned = x.clone()
+    poisoned[1, 17] = float("nan")
+    out = sample(poisoned, rows)
+    assert out.nonfinite_rows == {1}
+    assert out.token_ids[0] == clean.token_ids[0] and out.token_ids[2] == clean.token_ids[2]
+    assert 0 <= out.token_ids[1] < 300
+
+
+def test_an_id_outside_the_vocabulary_is_refused_not_written_into_a_neighbour():
+    x = _logits(2, 100, seed=6)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        sample(x, [_row(suppress=(150,)), _row()])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        sample(x, [_row(repetition_penalty=1.5, output=(-1,)), _row()])
