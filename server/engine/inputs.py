@@ -55,10 +55,12 @@ class InputProcessor:
                 raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
         if not ids:
             raise InvalidRequestError("prompt must not be empty", param="prompt")
-        outside = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if outside:
-            raise InvalidRequestError(f"stop_token_ids must be in [0, {self.vocab_size}), got {outside[0]}",
-                                      param="stop_token_ids")
+        for name, listed in (("stop_token_ids", params.stop_token_ids),
+                             ("logit_bias", [t for t, _ in params.logit_bias])):
+            outside = [t for t in listed if t >= self.vocab_size]
+            if outside:
+                raise InvalidRequestError(f"{name}: token ids must be in [0, {self.vocab_size}), got {outside[0]}",
+                                          param=name)
         if len(ids) >= self.max_model_len:
             raise ContextLengthExceededError(
                 f"prompt has {len(ids)} tokens; the context window is {self.max_model_len} tokens "

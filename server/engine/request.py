@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from server.engine.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS_ENTRIES = 300   # OpenAI's limit
+MAX_LOGIT_BIAS = 100.0         # |bias| in [-100, 100], as OpenAI
 # Temperatures below this act as greedy (vLLM's threshold): dividing logits by less overflows
 # float32 to inf, and the draw would be greedy anyway.
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -77,6 +79,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     head_telemetry: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit before sampling)
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and _integer("max_tokens", self.max_tokens) < 1:
@@ -115,6 +118,26 @@ class SamplingParams:
                                       param="min_tokens")
         if self.logprobs is not None and not 0 <= _integer("logprobs", self.logprobs) <= MAX_LOGPROBS:
             raise InvalidRequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", param="logprobs")
+        self._check_logit_bias()
+
+    def _check_logit_bias(self) -> None:
+        if not isinstance(self.logit_bias, tuple):
+            raise InvalidRequestError("logit_bias must be a tuple of (token id, bias) pairs", param="logit_bias")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise InvalidRequestError(f"logit_bias holds at most {MAX_LOGIT_BIAS_ENTRIES} entries, "
+                                      f"got {len(self.logit_bias)}", param="logit_bias")
+        seen = set()
+        for entry in self.logit_bias:
+            if not isinstance(entry, tuple) or len(entry) != 2:
+                raise InvalidRequestError("logit_bias entries must be (token id, bias) pairs", param="logit_bias")
+            token, bias = entry
+            if _integer("logit_bias", token) < 0 or token in seen:
+                raise InvalidRequestError(f"logit_bias token ids must be distinct and >= 0, got {token}",
+                                          param="logit_bias")
+            seen.add(token)
+            if not -MAX_LOGIT_BIAS <= _finite("logit_bias", bias) <= MAX_LOGIT_BIAS:
+                raise InvalidRequestError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                                          f"got {bias}", param="logit_bias")
 
     @property
     def greedy(self) -> bool:

@@ -1,6 +1,6 @@
 """Token sampling: pure functions over a batch of logits rows, no engine state.
 
-Order (vLLM's and Hugging Face's where they define it): suppressed ids -> -inf; repetition
+Order (vLLM's and Hugging Face's where they define it): logit bias; suppressed ids -> -inf; repetition
 penalty (HF, on prompt and output tokens); frequency and presence penalties (OpenAI, output
 tokens only); greedy rows take the argmax; the others are divided by their temperature and
 truncated by top-k, then top-p (on the top-k-renormalized distribution), then min-p, and drawn.
@@ -153,18 +153,29 @@ def _has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
 
+def add_logit_bias_(out: torch.Tensor, biases: Sequence[Sequence[tuple[int, float]]]) -> None:
+    """In place: out[b, t] += bias for each (t, bias) of row b. out [B, V] contiguous."""
+    flat = _flat_ids([[t for t, _ in row] for row in biases], out.shape[-1], out.device)  # [N]
+    values = torch.tensor([v for row in biases for _, v in row], dtype=out.dtype, device=out.device)  # [N]
+    out.view(-1).index_add_(0, flat, values)                          # [B * V]
+
+
 def penalize(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Suppression and penalties for the rows that ask for them, on one copy; logits itself
-    when no row asks."""
+    """Logit bias, suppression and penalties for the rows that ask for them, in that order, on
+    one copy (a suppressed id stays suppressed whatever its bias); logits itself when no row asks."""
     suppress = any(r.suppress_token_ids for r in rows)
     penalties = any(_has_penalty(r.params) for r in rows)
-    if not (suppress or penalties):
+    bias = any(r.params.logit_bias for r in rows)
+    if not (suppress or penalties or bias):
         return logits
+    # float64 where penalties run: a 1e-300 penalty must not turn a logit into inf
+    out = logits.to(torch.float64 if penalties else logits.dtype, memory_format=torch.contiguous_format,
+                    copy=True)                                        # [B, V]
+    if bias:
+        add_logit_bias_(out, [r.params.logit_bias for r in rows])
     if not penalties:
-        out = logits.clone(memory_format=torch.contiguous_format)     # [B, V]
         suppress_tokens_(out, [r.suppress_token_ids for r in rows])
         return out
-    out = logits.to(torch.float64, memory_format=torch.contiguous_format)  # [B, V] float64: 1e-300 penalties
     if suppress:
         suppress_tokens_(out, [r.suppress_token_ids for r in rows])
     if penalties:

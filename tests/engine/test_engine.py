@@ -349,7 +349,7 @@ def test_a_small_request_waits_one_step_behind_long_ones(tiny_llama_dir, their_m
 def test_stop_token_ids_outside_the_vocabulary_are_refused(tiny_llama_dir):
     engine = tiny_engine(tiny_llama_dir)
     vocab = engine.model_config.vocab_size
-    with pytest.raises(InvalidRequestError, match=rf"stop_token_ids must be in \[0, {vocab}\)"):
+    with pytest.raises(InvalidRequestError, match=rf"stop_token_ids: token ids must be in \[0, {vocab}\)"):
         engine.add_request("Hi", SamplingParams(max_tokens=5, min_tokens=2, stop_token_ids=(2147483647,)))
     assert not engine.has_unfinished()
 

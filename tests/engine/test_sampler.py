@@ -10,6 +10,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from server.engine.errors import InvalidRequestError
 from server.engine.request import SamplingParams
 from server.engine.sampler import (
     SamplingRow,
@@ -514,3 +515,22 @@ def test_an_id_outside_the_vocabulary_is_refused_not_written_into_a_neighbour():
         sample(x, [_row(suppress=(150,)), _row()])
     with pytest.raises(ValueError, match="outside the vocabulary"):
         sample(x, [_row(repetition_penalty=1.5, output=(-1,)), _row()])
+
+
+def test_logit_bias_bans_and_forces_in_its_row_only():
+    x = _logits(3, 200, seed=8)                                       # [3, 200]
+    top = [int(t) for t in x.argmax(dim=-1)]
+    rows = [_row(logit_bias=((top[0], -100.0),)), _row(logit_bias=((7, 100.0),), temperature=0.8, seed=3), _row()]
+    out = sample(x, rows)
+    assert out.token_ids[0] != top[0] and out.token_ids[1] == 7 and out.token_ids[2] == top[2]
+    assert out.logprobs == [None, None, None]
+    # a suppressed id stays suppressed whatever its bias
+    assert sample(x[:1], [_row(logit_bias=((5, 100.0),), suppress=(5,))]).token_ids[0] != 5
+
+
+@pytest.mark.parametrize("bias,needle", [(((1, 101.0),), "in \\[-100, 100\\]"), (((1, float("nan")),), "finite"),
+                                         (((-1, 1.0),), ">= 0"), (((1, 1.0), (1, 2.0)), "distinct"),
+                                         (tuple((i, 1.0) for i in range(301)), "at most 300")])
+def test_bad_logit_bias_is_refused(bias, needle):
+    with pytest.raises(InvalidRequestError, match=needle):
+        SamplingParams(logit_bias=bias)
