@@ -201,7 +201,7 @@ class Engine:
             req = Request(request_id=rid, prompt_token_ids=ids, params=params, arrival_time=time.monotonic(),
                           max_tokens=prepared.max_tokens, eos_token_ids=self.eos_token_ids,
                           seed=params.seed if params.seed is not None else self._rng.getrandbits(63),
-                          internal=internal)
+                          internal=internal, grammar=prepared.grammar)
             mc = self.model_config
             # kept for every request while telemetry is on: publishers show recent requests' heads
             telemetry = (RequestTelemetry(mc.num_layers, mc.num_heads, mc.num_kv_heads)

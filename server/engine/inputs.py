@@ -1,6 +1,7 @@
 """Prompts in: text or token ids or chat messages -> validated token ids and a token budget.
 
-Runs on the caller's thread, before anything reaches the engine loop, and raises
+Runs on the caller's thread, before anything reaches the engine loop (grammars are compiled
+here too), and raises
 InvalidRequestError / ContextLengthExceededError (HTTP 400) for input the model cannot take.
 """
 
@@ -11,12 +12,14 @@ from dataclasses import dataclass
 
 from server.engine.errors import ContextLengthExceededError, InvalidRequestError
 from server.engine.request import SamplingParams
+from server.engine.structured import GrammarCompiler
 
 
 @dataclass(frozen=True)
 class PreparedPrompt:
     token_ids: list[int]
     max_tokens: int  # output tokens allowed: params.max_tokens, or the rest of the context window
+    grammar: object | None = None  # a fresh grammar matcher, when params.grammar
 
 
 class InputProcessor:
@@ -26,6 +29,7 @@ class InputProcessor:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
+        self.grammars = GrammarCompiler(tokenizer, vocab_size)
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=True))
@@ -66,9 +70,12 @@ class InputProcessor:
                 f"prompt has {len(ids)} tokens; the context window is {self.max_model_len} tokens "
                 f"and at least one must be left to generate", param="prompt")
         if params.max_tokens is None:
-            return PreparedPrompt(ids, self.max_model_len - len(ids))
-        if len(ids) + params.max_tokens > self.max_model_len:
+            max_tokens = self.max_model_len - len(ids)
+        elif len(ids) + params.max_tokens > self.max_model_len:
             raise ContextLengthExceededError(
                 f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the context window "
                 f"of {self.max_model_len} tokens", param="max_tokens")
-        return PreparedPrompt(ids, params.max_tokens)
+        else:
+            max_tokens = params.max_tokens
+        grammar = self.grammars.matcher(params.grammar) if params.grammar is not None else None
+        return PreparedPrompt(ids, max_tokens, grammar)

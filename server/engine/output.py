@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.request import FinishReason, Request, RequestStats, TokenLogprob
+from server.engine.structured import advance
 from server.engine.telemetry import RequestHeadTelemetry
 
 
@@ -66,6 +67,10 @@ class EventFold:
         return "".join(self.texts)
 
 
+# stop_reason of a request whose grammar could not be continued (its text so far is returned)
+GRAMMAR_DEAD_END = "grammar_dead_end"
+
+
 @dataclass(frozen=True)
 class TextUpdate:
     """What one sampled token does to its request: the text it releases and whether it ends it."""
@@ -79,7 +84,9 @@ class OutputProcessor:
     """Sampled token ids -> text and finish decisions, one incremental detokenizer per request.
 
     Finish rules, in order: an EOS token (unless ignore_eos) or a stop token id ends the request
-    with STOP and adds no text; a stop string ends it with STOP (stop strings are looked for from
+    with STOP and adds no text; with a grammar, a token that completes it ends the request with
+    STOP (its text included), one it cannot take ends it with STOP and stop_reason
+    GRAMMAR_DEAD_END; a stop string ends it with STOP (stop strings are looked for from
     the min_tokens-th output token on: earlier text is released unchecked); reaching
     max_tokens or the context window ends it with LENGTH. Text still held back (a possible stop
     string's start, an incomplete character) is flushed when a request ends other than by a stop
@@ -99,9 +106,16 @@ class OutputProcessor:
         p = req.params
         detok = self._detok[req.request_id]
         if token_id in req.eos_token_ids and not p.ignore_eos:
-            return TextUpdate(detok.finish(), FinishReason.STOP)
+            dead = req.grammar is not None and req.grammar.is_error()
+            return TextUpdate(detok.finish(), FinishReason.STOP, GRAMMAR_DEAD_END if dead else None)
         if token_id in p.stop_token_ids:
             return TextUpdate(detok.finish(), FinishReason.STOP, token_id)
+        if req.grammar is not None:
+            step = advance(req.grammar, token_id)
+            if step.dead_end:
+                return TextUpdate(detok.finish(), FinishReason.STOP, GRAMMAR_DEAD_END)
+            if step.complete:
+                return TextUpdate(detok.add_token(token_id, match_stops=False).text + detok.finish(), FinishReason.STOP)
         update = detok.add_token(token_id, match_stops=req.num_output_tokens >= p.min_tokens)
         if update.stop_string is not None:
             return TextUpdate(update.text, FinishReason.STOP, update.stop_string)

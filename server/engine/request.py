@@ -52,6 +52,31 @@ def _integer(name: str, value: object) -> int:
     return value
 
 
+GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+MAX_GRAMMAR_CHARS = 64 * 1024
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """A constraint on a request's output (structured.py compiles it): kind is one of
+    GRAMMAR_KINDS; value the JSON schema text, the regex, a JSON list of strings (choice) or a
+    Lark grammar (json_object ignores it); param names the request field it came from, for errors."""
+
+    kind: str
+    value: str = ""
+    param: str = "response_format"
+
+    def __post_init__(self) -> None:
+        if self.kind not in GRAMMAR_KINDS:
+            raise InvalidRequestError(f"unknown grammar kind {self.kind!r}; one of {', '.join(GRAMMAR_KINDS)}",
+                                      param=self.param)
+        if not isinstance(self.value, str) or len(self.value) > MAX_GRAMMAR_CHARS:
+            raise InvalidRequestError(f"{self.param}: the grammar must be a string of at most {MAX_GRAMMAR_CHARS} "
+                                      "characters", param=self.param)
+        if self.kind != "json_object" and not self.value:
+            raise InvalidRequestError(f"{self.param}: the {self.kind} must not be empty", param=self.param)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop. Defaults: temperature 1, no truncation, no penalty.
@@ -80,6 +105,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     head_telemetry: bool = False
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit before sampling)
+    grammar: GrammarSpec | None = None  # structured output: the output must match it
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and _integer("max_tokens", self.max_tokens) < 1:
@@ -119,6 +145,8 @@ class SamplingParams:
         if self.logprobs is not None and not 0 <= _integer("logprobs", self.logprobs) <= MAX_LOGPROBS:
             raise InvalidRequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", param="logprobs")
         self._check_logit_bias()
+        if self.grammar is not None and not isinstance(self.grammar, GrammarSpec):
+            raise InvalidRequestError("grammar must be a GrammarSpec", param="grammar")
 
     def _check_logit_bias(self) -> None:
         if not isinstance(self.logit_bias, tuple):
@@ -191,6 +219,7 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()
     seed: int = 0  # base of this request's per-position sampling seeds (params.seed, or drawn by the engine)
     internal: bool = False  # the server's own (warm-up): served normally, left out of all statistics
+    grammar: object | None = None  # this request's grammar matcher (structured.py), when params.grammar
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0

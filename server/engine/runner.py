@@ -24,6 +24,7 @@ from server.engine.model import LlamaModel
 from server.engine.request import Request, TokenLogprob
 from server.engine.sampler import SamplingRow, derive_seed, sample
 from server.engine.scheduler import Batch, ScheduledRequest
+from server.engine.structured import fill_bitmask, new_bitmask
 from server.engine.telemetry import finalize_stats
 from server.engine.timing import LayerTimer
 
@@ -162,7 +163,14 @@ class ModelRunner:
             keys = meta.seq_lens[meta.stats_seqs_cpu.to(self.device)][None, :]          # [1, R]
             stats = finalize_stats(out.telemetry, keys).to("cpu", torch.float64)        # [L, R, H, 5]
         rows = [self._sampling_row(scheduled[b].request) for b in samples]
-        result = sample(out.logits.float(), rows) if rows else None
+        constrained = [k for k, b in enumerate(samples) if scheduled[b].request.grammar is not None]
+        allowed = None
+        if constrained:
+            mask = new_bitmask(len(constrained), self.model_config.vocab_size)          # [R, W]
+            for i, k in enumerate(constrained):
+                fill_bitmask(scheduled[samples[k]].request.grammar, mask, i)
+            allowed = (mask, constrained)
+        result = sample(out.logits.float(), rows, allowed) if rows else None
         sampled = tuple(
             SampledToken(scheduled[b].request.request_id, result.token_ids[k], result.logprobs[k],
                          k if stats is not None else None, k in result.nonfinite_rows)

@@ -46,6 +46,7 @@ import torch
 from server.engine.request import MAX_EFFECTIVE_TEMPERATURE, SamplingParams, TokenLogprob
 
 _MASK64 = (1 << 64) - 1
+_BITS = torch.arange(32, dtype=torch.int32)                            # [32] bit positions in a mask word
 # Where penalized logits are held: far above any model's logits, far below float32's limit once
 # divided by the smallest sampled temperature.
 PENALIZED_LOGIT_LIMIT = 1e30
@@ -327,13 +328,29 @@ def compute_logprobs(logits: torch.Tensor, token_ids: Sequence[int],
     return result
 
 
+# ---------------------------------------------------------------------------------- token masks
+
+def apply_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int]) -> None:
+    """In place: logits[rows[i], t] = -inf for every token t that bitmask[i] disallows (bit t & 31
+    of word t >> 5 clear). logits [B, V]; bitmask [len(rows), ceil(V / 32)] int32."""
+    vocab = logits.shape[-1]
+    allowed = ((bitmask[:, :, None] >> _BITS) & 1).bool().view(len(rows), -1)[:, :vocab]  # [R, V]
+    index = torch.tensor(list(rows), device=logits.device)            # [R]
+    logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))  # [R, V]
+
+
 # ------------------------------------------------------------------------------------ the sampler
 
-def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
-    """One token per row of logits [B, V] (float32), with logprobs where asked."""
+def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
+           allowed: tuple[torch.Tensor, Sequence[int]] | None = None) -> SamplerOutput:
+    """One token per row of logits [B, V] (float32), with logprobs where asked. allowed: a token
+    bitmask [R, ceil(V / 32)] for the rows it lists (structured output), applied after penalties."""
     assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
     raw = logits.float()                                              # [B, V]
     x = penalize(raw, rows)                                           # [B, V]
+    if allowed is not None:
+        x = x.clone() if x is raw else x                              # [B, V] raw stays for logprobs
+        apply_bitmask_(x, *allowed)
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     if not random_rows:
         token_ids = greedy(x)                                         # [B]
