@@ -15,10 +15,13 @@ from hypothesis import strategies as st
 from server.config import CacheConfig, EngineConfig, SchedulerConfig
 from server.engine.engine import Engine
 from server.engine.errors import InvalidRequestError
-from server.engine.request import MAX_LOGPROBS, FinishReason, SamplingParams
+from server.engine.request import MAX_LOGPROBS, FinishReason, GrammarSpec, SamplingParams
 
 VICTIM_PROMPTS = ["The capital of France is", "Attention heads look back over"]
 VICTIM = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=2)
+GRAMMARS = [None, None, GrammarSpec("json_object"), GrammarSpec("regex", "[a-c]{1,5}"),
+            GrammarSpec("choice", '["yes", "no"]'), GrammarSpec("json_schema", '{"type": "integer", "minimum": 3}'),
+            GrammarSpec("json_schema", '{"type": "object", "not": {}}')]
 
 
 def edge_floats(*edges: float, lo: float, hi: float):
@@ -47,6 +50,9 @@ def hostile_params(draw, vocab: int) -> dict:
         include_stop_str_in_output=draw(st.booleans()),
         skip_special_tokens=draw(st.booleans()),
         head_telemetry=draw(st.booleans()),
+        logit_bias=tuple(draw(st.dictionaries(st.integers(0, 2 * vocab), edge_floats(-100.0, 100.0, lo=-100.0, hi=100.0),
+                                              max_size=4)).items()),
+        grammar=draw(st.sampled_from(GRAMMARS)),
     )
 
 
