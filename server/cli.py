@@ -10,7 +10,7 @@ import time
 
 from server import __version__
 from server.config import CacheConfig, EngineConfig, SchedulerConfig, TelemetryConfig
-from server.engine.errors import HeadwiseError
+from server.engine.errors import HeadwiseError, ModelNotFoundError
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -38,12 +38,23 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
 
 
-def engine_config(args: argparse.Namespace) -> EngineConfig:
+def check_attention_backend(name: str) -> None:
+    """ValueError naming the choices for an unknown --attention-backend (imports torch)."""
     from server.engine.attention import BACKEND_CHOICES
 
-    if args.attention_backend not in BACKEND_CHOICES:
-        raise ValueError(f"unknown --attention-backend {args.attention_backend!r}; choose from "
-                         f"{', '.join(BACKEND_CHOICES)}")
+    if name not in BACKEND_CHOICES:
+        raise ValueError(f"unknown --attention-backend {name!r}; choose from {', '.join(BACKEND_CHOICES)}")
+
+
+def check_model_path(path: str | None) -> None:
+    """A --model that does not exist fails at once (the loader names every other problem)."""
+    if path is not None and not os.path.exists(path):
+        raise ModelNotFoundError(os.path.abspath(path), "no such file or folder")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine's configuration; every flag is checked but the attention backend's name
+    (check_attention_backend, which needs torch)."""
     return EngineConfig(
         model=args.model, device=args.device, num_threads=args.threads, attention_backend=args.attention_backend,
         cache=CacheConfig(block_size=args.block_size, memory_bytes=int(args.kv_cache_memory * 2**30),
@@ -72,6 +83,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     def progress(msg: str) -> None:
         print(f"[headwise] {msg}", file=sys.stderr, flush=True)
 
+    check_attention_backend(args.attention_backend)
     config = engine_config(args)  # flags are checked before the model loads
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()),
@@ -108,27 +120,43 @@ def server_config(args: argparse.Namespace):
         host=args.host, port=args.port, api_key=args.api_key or os.environ.get("HEADWISE_API_KEY") or None,
         metrics_require_key=args.metrics_require_key, max_queue=args.max_queue, drain_timeout=args.drain_timeout,
         max_body_bytes=args.max_body_bytes, cors_origins=tuple(args.cors_origin or ()),
-        served_model_names=tuple(args.served_model_name or ()), warmup=not args.no_warmup)
+        served_model_names=tuple(args.served_model_name or ()), warmup=not args.no_warmup,
+        max_request_seqs=args.max_request_seqs, stream_buffer_events=args.stream_buffer_events)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Bind the port first, then load: /health answers while the model loads (LoadingGate)."""
     import asyncio
+    import gc
     import signal
 
     import uvicorn
 
-    from server.api.app import create_app
-    from server.engine.engine import Engine
+    from server.api.loading import LoadingGate
 
     def progress(msg: str) -> None:
         print(f"[headwise] {msg}", file=sys.stderr, flush=True)
 
     cfg = server_config(args)
-    t0 = time.monotonic()
-    engine = Engine(engine_config(args), progress=progress)
-    progress(f"model {engine.model_config.name} ready in {time.monotonic() - t0:.1f} s; "
-             f"serving on http://{cfg.host}:{cfg.port}")
-    app = create_app(engine, None, cfg)
+    engine_cfg = engine_config(args)  # the flags and the model's path are checked before the port is bound
+    check_model_path(args.model)
+
+    def load():
+        """On the gate's thread, once the port answers: torch, the model, the API application."""
+        from server.api.app import create_app
+        from server.engine.engine import Engine
+
+        check_attention_backend(engine_cfg.attention_backend)
+        t0 = time.monotonic()
+        engine = Engine(engine_cfg, progress=progress)
+        progress(f"model {engine.model_config.name} loaded in {time.monotonic() - t0:.1f} s")
+        app = create_app(engine, None, cfg)
+        # What start-up made (torch, transformers, the model: about a million objects) leaves the
+        # collector's generations: a full collection walked them all, holding the GIL (and so the
+        # event loop) for 350-900 ms at a time under load; now it walks what requests make.
+        gc.collect()
+        gc.freeze()
+        return app
 
     class DrainingServer(uvicorn.Server):
         """SIGTERM drains (readiness 503, in-flight requests finish, bounded by --drain-timeout)
@@ -153,15 +181,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         async def _drain(self) -> None:
             try:
-                await app.state.serving.drain(cfg.drain_timeout)
+                await gate.drain(cfg.drain_timeout)
             finally:
                 self.should_exit = True
 
-    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info" if args.verbose else "warning",
+    def stop_serving(_: BaseException) -> None:
+        server.should_exit = True
+
+    gate = LoadingGate(load, retry_after_s=cfg.retry_after_s, on_failure=stop_serving)
+    config = uvicorn.Config(gate, host=cfg.host, port=cfg.port, log_level="info" if args.verbose else "warning",
                             access_log=args.verbose, timeout_graceful_shutdown=5, timeout_keep_alive=5,
                             lifespan="on")
     server = DrainingServer(config)
+    progress(f"listening on http://{cfg.host}:{cfg.port} while the model loads (/ready turns 200 when it can serve)")
     server.run()
+    if gate.error is not None:
+        raise gate.error
     return 0
 
 
@@ -189,11 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=os.environ.get("HEADWISE_PORT") or 8000,
                      help="port (default: $HEADWISE_PORT, else 8000)")
     srv.add_argument("--api-key", default=None,
-                     help="require 'Authorization: Bearer KEY' on every route but /health and /ready "
-                          "(default: $HEADWISE_API_KEY, else no key)")
-    srv.add_argument("--metrics-require-key", action="store_true", help="/metrics needs the API key too")
+                     help="require 'Authorization: Bearer KEY' (or 'x-api-key: KEY') on every route except "
+                          "/health, /ready, the /dashboard page and its assets, and /metrics unless "
+                          "--metrics-require-key (default: $HEADWISE_API_KEY, else no key)")
+    srv.add_argument("--metrics-require-key", action="store_true",
+                     help="/metrics needs the API key too (by default it is public, as in vLLM)")
     srv.add_argument("--max-queue", type=int, default=256,
                      help="requests admitted beyond the running batch before answering 503 (default 256)")
+    srv.add_argument("--max-request-seqs", type=int, default=None, metavar="N",
+                     help="most sequences (n x prompts) one request may ask for; more is a 400 (default: half of "
+                          "--max-num-seqs, at least 1, so that no single request fills the running batch and "
+                          "makes every other client wait)")
+    srv.add_argument("--stream-buffer-events", type=int, default=2048, metavar="N",
+                     help="token events kept for a streaming client that is not reading (all its choices "
+                          "together; about 2.5 KB each with logprobs 20); past that its request is aborted, its "
+                          "KV blocks freed, and the stall counted as rejected reason slow_consumer (default 2048)")
     srv.add_argument("--drain-timeout", type=float, default=30.0,
                      help="seconds SIGTERM waits for in-flight requests before aborting them (default 30)")
     srv.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body (default 4 MiB)")

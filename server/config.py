@@ -165,6 +165,11 @@ class ServerConfig:
     max_queue bounds the engine requests admitted beyond the running batch: at most
     max_num_seqs + max_queue engine requests are in flight (a request with n choices counts n);
     past that a request is answered 503 with Retry-After without touching the engine.
+    max_request_seqs caps the sequences (n x prompts) one request may ask for, so that no single
+    request fills the running batch; None means half of max_num_seqs, at least 1 (the serving
+    layer computes it: it knows max_num_seqs).
+    stream_buffer_events bounds the token events kept for one streaming request whose client is
+    not reading; past it the request is aborted (reason slow_consumer).
     drain_timeout is how long SIGTERM waits for in-flight requests before aborting them.
     """
 
@@ -179,6 +184,8 @@ class ServerConfig:
     served_model_names: tuple[str, ...] = ()  # extra names the "model" field may use; the first is listed
     max_n: int = 16                  # choices per request
     max_prompts: int = 16            # prompts in one /v1/completions batch
+    max_request_seqs: int | None = None  # n x prompts of one request; None: max(1, max_num_seqs // 2)
+    stream_buffer_events: int = 2048     # events buffered for a stream's client before it counts as stalled
     retry_after_s: int = 1           # Retry-After on 503
     warmup: bool = True              # run a 2-token request before /ready turns 200
 
@@ -193,4 +200,7 @@ class ServerConfig:
         _require(all(o and o.strip() == o for o in self.cors_origins), "CORS origins must be non-empty strings")
         _require(all(n and len(n) <= 256 for n in self.served_model_names), "served model names must be 1-256 chars")
         _require(self.max_n >= 1 and self.max_prompts >= 1, "max_n and max_prompts must be >= 1")
+        _require(self.max_request_seqs is None or self.max_request_seqs >= 1,
+                 f"max_request_seqs must be >= 1, got {self.max_request_seqs}")
+        _require(self.stream_buffer_events >= 1, f"stream_buffer_events must be >= 1, got {self.stream_buffer_events}")
         _require(self.retry_after_s >= 1, "retry_after_s must be >= 1")

@@ -25,7 +25,7 @@ from server.latency import ATTENTION_TIME_BUCKETS, LATENCY_HISTOGRAMS
 # headwise_request_success{finished_reason}: every finish reason but ERROR, which has its own
 # counter (headwise_request_errors); in FinishReason's order (stop, length, abort).
 FINISH_REASONS = tuple(r.value for r in FinishReason if r is not FinishReason.ERROR)
-REJECT_REASONS = ("queue_full", "draining", "invalid_request", "context_length_exceeded")
+REJECT_REASONS = ("queue_full", "draining", "invalid_request", "context_length_exceeded", "slow_consumer")
 
 
 @runtime_checkable

@@ -42,3 +42,26 @@ def test_help(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["generate", "--help"])
     assert exc.value.code == 0 and "--chat" in capsys.readouterr().out
+
+
+def test_serve_help_tells_which_routes_the_api_key_guards(capsys):
+    """--api-key's help names the routes app.py leaves public (/metrics unless --metrics-require-key)."""
+    from server.api.app import PUBLIC_PATHS
+    from server.api.dashboard import DASHBOARD_PATHS
+
+    assert PUBLIC_PATHS == {"/health", "/ready"} and "/dashboard" in DASHBOARD_PATHS
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("on every route except /health, /ready, the /dashboard page and its assets, and /metrics unless "
+            "--metrics-require-key") in out
+    assert "--metrics-require-key /metrics needs the API key too" in out
+
+
+def test_serve_flags_reach_the_server_config():
+    from server.cli import build_parser, server_config
+
+    cfg = server_config(build_parser().parse_args(["serve", "--max-request-seqs", "3", "--stream-buffer-events", "9"]))
+    assert (cfg.max_request_seqs, cfg.stream_buffer_events) == (3, 9)
+    default = server_config(build_parser().parse_args(["serve"]))
+    assert (default.max_request_seqs, default.stream_buffer_events) == (None, 2048)

@@ -183,7 +183,7 @@ def test_info_and_load_families(served):
     assert info.labels["kv_heads"] == str(mc.num_kv_heads) and info.labels["version"] == "9.9"
     assert s["headwise_num_requests_running"][0].value == 0 and s["headwise_kv_cache_usage_ratio"][0].value == 0
     assert by_labels(s["headwise_requests_rejected_total"], "reason") == {
-        ("queue_full",): 0, ("draining",): 0, ("invalid_request",): 0, ("context_length_exceeded",): 0}
+        ("queue_full",): 0, ("draining",): 0, ("invalid_request",): 0, ("context_length_exceeded",): 0, ("slow_consumer",): 0}
 
 
 @needs_promtool

@@ -5,7 +5,7 @@ Routes
     GET  /v1/models                                    the served model (id, max_model_len)
     POST /tokenize   {"prompt"} or {"messages"} -> {"count", "max_model_len", "tokens"[, "token_strs"]}
     POST /detokenize {"tokens"} -> {"prompt"}
-    GET  /health     liveness: 200 while the engine loop is alive
+    GET  /health     liveness: 200 while the engine loop is alive, and while the model loads
     GET  /ready      readiness: 503 until the model is loaded and warmed up, and while draining
     GET  /metrics    Prometheus text: latency histograms, load, counters and per-head attention
                      statistics (every family in docs/metrics.md)
@@ -23,7 +23,10 @@ include_stop_str_in_output, skip_special_tokens, return_token_ids, chat_template
 add_generation_prompt), plus "head_telemetry": true (DESIGN.md "Contracts"). "model" may be
 omitted; otherwise it must name the served model (its id, its name without a quantization
 suffix, its path, or a --served-model-name), case-insensitively, else 404. With n > 1 and a
-seed, choice i uses seed + i (choice 0 equals the n = 1 answer).
+seed, choice i uses seed + i (choice 0 equals the n = 1 answer). max_tokens: /v1/completions
+generates at most 16 tokens unless told otherwise, also when max_tokens is null (OpenAI's
+default); chat generates up to the end of the context window when neither max_completion_tokens
+nor max_tokens is given (or both are null), as OpenAI's chat does.
 
 Extra response fields
     "timings" (final response object, or the last chunk before [DONE]), in seconds:
@@ -45,8 +48,9 @@ any invalid input (codes: invalid_json, invalid_encoding, invalid_value, missing
 unsupported_parameter, unsupported_media_type, context_length_exceeded), 401 invalid_api_key,
 404 model_not_found / not_found, 405 method_not_allowed, 413 request_too_large, 503
 service_unavailable_error with Retry-After (server_is_overloaded, server_shutting_down,
-not_ready). An error after a stream started is an SSE event `data: {"error": {...}}` followed
-by `data: [DONE]`. Messages are short and never carry paths or tracebacks.
+not_ready, model_loading). An error after a stream started is an SSE event
+`data: {"error": {...}}` followed by `data: [DONE]` (code slow_consumer when the client stopped
+reading, see below). Messages are short and never carry paths or tracebacks.
 
 Streaming: `data: {chunk}` per token, or per few tokens when the client or the loop fell behind
 (events already queued are coalesced into one chunk per choice); chat streams start with a
@@ -54,10 +58,20 @@ Streaming: `data: {chunk}` per token, or per few tokens when the client or the l
 stream_options.include_usage a last chunk with empty choices carries usage; then [DONE].
 
 Reliability: a client that disconnects (stream or not) aborts its engine requests, which frees
-their KV blocks; at most max_num_seqs + --max-queue engine requests are admitted (a request
-with n choices over p prompts counts n * p), past that 503 at once without touching the engine;
-tokenization and chat templating run in a thread pool; SIGTERM turns /ready to 503, refuses new
-requests, lets in-flight ones finish for up to --drain-timeout seconds, aborts the rest, exits 0.
+their KV blocks; one request may ask for at most --max-request-seqs sequences (n x prompts;
+default half of --max-num-seqs), past that 400 naming the limit; at most max_num_seqs +
+--max-queue engine requests are admitted, past that 503 at once without touching the engine; a
+text prompt (or conversation) longer than max_model_len times the tokenizer's longest token, in
+characters, is refused with context_length_exceeded before it is tokenized (the exact check on
+tokens follows; /tokenize refuses such a text too); tokenization and chat templating run in a
+thread pool, and large bodies and responses are parsed and built in another, so the event loop
+never works on a client-sized amount of data; a streaming client that leaves more than
+--stream-buffer-events events unread gets its request aborted (KV blocks freed, counted in
+headwise_requests_rejected_total{reason="slow_consumer"}) and its stream ends with a
+slow_consumer error event. Start-up: the port answers at once; while the model loads /health
+is 200, /ready and every other route 503 (model_loading) with Retry-After. SIGTERM turns /ready
+to 503, refuses new requests, lets admitted ones (even those still being tokenized) finish for
+up to --drain-timeout seconds, aborts the rest, exits 0.
 --api-key guards every route except /health, /ready, the /dashboard page and its assets (and
 /metrics unless --metrics-require-key), compared in constant time on SHA-256 digests; CORS is off unless
 --cors-origin is given; bodies over --max-body-bytes get 413 while being read.

@@ -24,9 +24,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server import __version__
 from server.api import schemas
+from server.api.schemas import ascii_uint
 from server.config import ServerConfig
 from server.metrics import Metrics
-from server.api.errors import APIError, bad_request, error_body, from_engine_error
+from server.api.errors import APIError, bad_request, error_body, error_headers, from_engine_error, send_error
 from server.api.serving import ClientDisconnected, OpenAIServing
 from server.api.streaming import TIMING_HEADERS, dumps
 from server.api.dashboard import DASHBOARD_PATHS, dashboard_router
@@ -45,20 +46,8 @@ def json_response(obj, status: int = 200, headers: dict | None = None) -> Respon
 
 
 def error_response(err: APIError) -> Response:
-    headers = dict(err.headers)
-    if err.status == 401:
-        headers.setdefault("www-authenticate", "Bearer")
-    return Response(error_body(err), status_code=err.status, media_type="application/json", headers=headers)
-
-
-async def _send_error(send: Send, err: APIError) -> None:
-    body = error_body(err)
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.encode(), v.encode()) for k, v in err.headers.items()]
-    if err.status == 401:
-        headers.append((b"www-authenticate", b"Bearer"))
-    await send({"type": "http.response.start", "status": err.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    return Response(error_body(err), status_code=err.status, media_type="application/json",
+                    headers=error_headers(err))
 
 
 class APIKeyMiddleware:
@@ -84,8 +73,8 @@ class APIKeyMiddleware:
             elif name == b"x-api-key" and not token:
                 token = value.strip()
         if not hmac.compare_digest(hashlib.sha256(token).digest(), self.digest):
-            return await _send_error(send, APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
-                                                    code="invalid_api_key"))
+            return await send_error(send, APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
+                                                   code="invalid_api_key"))
         return await self.app(scope, receive, send)
 
 
@@ -99,9 +88,10 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise bad_request("the body must be JSON (Content-Type: application/json)", code="unsupported_media_type")
     length = request.headers.get("content-length")
     if length is not None:
-        if not length.isdigit() or len(length) > 18:
+        declared = ascii_uint(length)
+        if declared is None:
             raise bad_request("invalid Content-Length header")
-        if int(length) > limit:
+        if declared > limit:
             raise APIError(413, f"request body is larger than {limit} bytes", code="request_too_large")
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -221,7 +211,7 @@ def create_app(engine, metrics=None, cfg: ServerConfig | None = None) -> FastAPI
             events, gen = payload  # gen.close() also runs if the client left before the first byte
             return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(gen.close),
                                      headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
-        return json_response(payload, headers=headers)
+        return Response(payload, media_type="application/json", headers=headers)  # payload: encoded already
 
     @app.post("/v1/completions", responses={200: {"model": schemas.CompletionResponse}, **errors_doc},
               openapi_extra={"x-request-model": "CompletionRequest"})

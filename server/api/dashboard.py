@@ -17,7 +17,7 @@ from fastapi.responses import Response
 
 from server.api.errors import APIError, bad_request
 from server.api.streaming import dumps
-from server.api.schemas import ErrorResponse
+from server.api.schemas import ErrorResponse, ascii_uint
 from server.api.telemetry_feed import WINDOWS, TelemetryFeed, UnknownWindowError
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -58,11 +58,13 @@ class _Asset:
 
 
 def _recent_param(raw: str | None) -> int:
+    """?recent=: ASCII digits only, 0..MAX_RECENT (default 20)."""
     if raw is None:
         return 20
-    if not raw.isdigit() or int(raw) > MAX_RECENT:
+    recent = ascii_uint(raw, max_digits=3)
+    if recent is None or recent > MAX_RECENT:
         raise bad_request(f"recent must be an integer in [0, {MAX_RECENT}]", param="recent", code="invalid_value")
-    return int(raw)
+    return recent
 
 
 def dashboard_router(feed: TelemetryFeed) -> APIRouter:

@@ -77,6 +77,23 @@ def error_body(status_or_err: APIError) -> bytes:
                                  "code": e.code}}, ensure_ascii=False).encode()
 
 
+def error_headers(err: APIError) -> dict[str, str]:
+    """The headers of an error answer: its own, and WWW-Authenticate on a 401."""
+    headers = dict(err.headers)
+    if err.status == 401:
+        headers.setdefault("www-authenticate", "Bearer")
+    return headers
+
+
+async def send_error(send, err: APIError) -> None:
+    """Answer with `err` through a raw ASGI `send` (middleware that runs before any route)."""
+    body = error_body(err)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.encode(), v.encode()) for k, v in error_headers(err).items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 def error_event(message: str, type: str = "server_error", code: str | None = "internal_error",
                 param: str | None = None) -> bytes:
     """An SSE event carrying an error object (for failures after the stream started)."""
@@ -135,9 +152,6 @@ def from_validation_error(exc: ValidationError) -> APIError:
     if not errors:
         return bad_request("invalid request")
     first = errors[0]
-    if first["type"] == "json_invalid":
-        detail = str(first.get("msg", "")).removeprefix("Invalid JSON: ")
-        return bad_request(f"request body is not valid JSON: {detail}", code="invalid_json")
     if first["type"] in ("model_type", "model_attributes_type") and not first["loc"]:
         return bad_request("request body must be a JSON object", code="invalid_request")
     seen: list[str] = []

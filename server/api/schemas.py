@@ -1,24 +1,39 @@
 """Pydantic models of the OpenAI wire format (requests validated strictly, responses documented).
 
-Requests are parsed with `model_validate_json` in strict mode: a JSON string is never a number,
-`true` is never an integer, NaN / Infinity literals and out-of-range floats are refused, lone
-surrogate escapes and invalid UTF-8 are invalid JSON. Unknown fields are ignored (as OpenAI and
-vLLM do), nulls mean "the default". Range checks that depend on the server's configuration
-(n, prompts per request) or on the model (context window, vocabulary) happen in serving.py;
-the sampler's own checks (SamplingParams) run there too.
+Requests are parsed by pydantic (serving.parse_body: its JSON parser, then the model) in strict
+mode: a JSON string is never a number, `true` is never an integer, NaN / Infinity literals and
+out-of-range floats are refused, lone surrogate escapes and invalid UTF-8 are invalid JSON.
+Unknown fields are ignored (as OpenAI and vLLM do), nulls mean "the default" (completions'
+max_tokens: 16; chat's: the rest of the context window). A completions prompt is validated
+against the one shape its type names (for an array, the one type all its elements share:
+Prompt), so a prompt of a million token ids costs one pass, not one failed pass per other shape;
+every array stops at its first bad element (Array), so an invalid array of a million elements
+costs one error, not a million. Range checks that depend on the server's configuration (n,
+prompts per request) or on the model (context window, vocabulary) happen in serving.py; the
+sampler's own checks (SamplingParams) run there too.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from server.engine.request import MAX_LOGPROBS
 from server.engine.telemetry import RequestHeadTelemetry
 
 MAX_NAME_CHARS = 256
+MAX_MESSAGES = 2048  # as OpenAI: a longer conversation is refused before its messages are validated
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (also when null)
+
+
+def ascii_uint(text: str, max_digits: int = 18) -> int | None:
+    """The integer a query or header value spells in ASCII digits, else None. (str.isdigit also
+    accepts "²" and other Unicode digits, which int() then refuses.)"""
+    if not 0 < len(text) <= max_digits or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
 
 
 class _Strict(BaseModel):
@@ -42,6 +57,15 @@ def _check_finite_json(value: Any, depth: int = 0) -> Any:
     return value
 
 
+def Array(item: Any, **constraints: Any) -> Any:
+    """A JSON array of `item`s whose validation stops at the first bad element."""
+    return Annotated[list[item], Field(fail_fast=True, **constraints)]
+
+
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+TokenIds = Array(TokenId)
+
+
 # ------------------------------------------------------------------------------- requests
 class StreamOptions(_Strict):
     include_usage: bool | None = False
@@ -59,13 +83,14 @@ class _SamplingFields(_Strict):
     n: Annotated[int, Field(ge=1, le=128)] | None = 1
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: Annotated[str, Field(max_length=1024)] | Annotated[list[Annotated[str, Field(max_length=1024)]], Field(max_length=64)] | None = None
+    stop: (Annotated[str, Field(max_length=1024)] | Array(Annotated[str, Field(max_length=1024)], max_length=64)
+           | None) = None
     seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Any] | None = None  # refused unless empty (serving.py): values are not checked
     user: Annotated[str, Field(max_length=MAX_NAME_CHARS)] | None = None
     # extensions (vLLM names)
     top_k: Annotated[int, Field(ge=-1, le=2**31 - 1)] | None = None
@@ -73,7 +98,7 @@ class _SamplingFields(_Strict):
     repetition_penalty: Annotated[float, Field(gt=0.0, le=100.0)] | None = None
     min_tokens: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
     ignore_eos: bool | None = False
-    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(max_length=64)] | None = None
+    stop_token_ids: Array(TokenId, max_length=64) | None = None
     include_stop_str_in_output: bool | None = False
     skip_special_tokens: bool | None = True
     return_token_ids: bool | None = False  # each choice also carries its token ids (vLLM's extension)
@@ -81,30 +106,45 @@ class _SamplingFields(_Strict):
     head_telemetry: bool | None = False
 
 
-TokenIds = list[Annotated[int, Field(ge=0, le=2**31 - 1)]]
+_ARRAY_SHAPES = {str: "text-list", int: "token-ids", list: "token-id-lists"}  # element type -> Prompt tag
+
+
+def _prompt_shape(value: Any) -> str | None:
+    """The tag of the one Prompt member `value` can be: from its type, and for an array from the
+    one type all its elements share (set(map(type, ...)) runs in C: a bool is not an int here)."""
+    if isinstance(value, str):
+        return "text-prompt"
+    if not isinstance(value, list):
+        return None
+    if not value:
+        return "token-ids"  # refused as an empty prompt by serving.py, like [[]]
+    types = set(map(type, value))
+    return _ARRAY_SHAPES.get(types.pop()) if len(types) == 1 else None
+
+
+# tags contain "-" so that error locations skip them (errors._is_tag)
+Prompt = Annotated[
+    Annotated[str, Tag("text-prompt")] | Annotated[Array(str), Tag("text-list")]
+    | Annotated[TokenIds, Tag("token-ids")] | Annotated[Array(TokenIds), Tag("token-id-lists")],
+    Discriminator(_prompt_shape, custom_error_type="invalid_value",
+                  custom_error_message="must be a string, an array of strings, an array of token ids "
+                                       "or an array of token-id arrays")]
 
 
 class CompletionRequest(_SamplingFields):
     """POST /v1/completions."""
 
-    prompt: str | list[str] | TokenIds | list[TokenIds]
-    max_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = 16
+    prompt: Prompt
+    max_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = DEFAULT_COMPLETION_MAX_TOKENS
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool | None = False
     suffix: str | None = None
     best_of: Annotated[int, Field(ge=1, le=128)] | None = None
 
-    @field_validator("prompt", mode="before")
+    @field_validator("max_tokens")
     @classmethod
-    def _prompt_shape(cls, v: Any) -> Any:
-        ok = isinstance(v, str) or (isinstance(v, list) and (
-            all(isinstance(x, str) for x in v)
-            or all(isinstance(x, int) and not isinstance(x, bool) for x in v)
-            or all(isinstance(x, list) for x in v)))
-        if not ok:
-            raise _custom("must be a string, an array of strings, an array of token ids "
-                          "or an array of token-id arrays")
-        return v
+    def _null_max_tokens_is_the_default(cls, v: int | None) -> int:
+        return DEFAULT_COMPLETION_MAX_TOKENS if v is None else v
 
 
 class TextContentPart(_Strict):
@@ -114,7 +154,7 @@ class TextContentPart(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[TextContentPart] | None = None
+    content: str | Array(TextContentPart) | None = None
     name: Annotated[str, Field(max_length=MAX_NAME_CHARS)] | None = None
     tool_calls: list[Any] | None = None
     tool_call_id: str | None = None
@@ -124,7 +164,9 @@ class ChatMessage(_Strict):
     def _content_parts(cls, v: Any) -> Any:
         if isinstance(v, dict) and isinstance(v.get("content"), list):
             for part in v["content"]:
-                kind = part.get("type") if isinstance(part, dict) else None
+                if not isinstance(part, dict):
+                    break  # the content field's own validation reports it
+                kind = part.get("type")
                 if isinstance(kind, str) and kind != "text":
                     raise _custom(f"content part type {kind[:32]!r} is not supported; only text parts are")
         return v
@@ -137,7 +179,7 @@ class ResponseFormat(_Strict):
 class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions."""
 
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Array(ChatMessage, min_length=1, max_length=MAX_MESSAGES)
     max_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
     logprobs: bool | None = False
@@ -155,7 +197,7 @@ class TokenizeRequest(_Strict):
 
     model: Annotated[str, Field(max_length=MAX_NAME_CHARS)] | None = None
     prompt: str | None = None
-    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    messages: Array(ChatMessage, min_length=1, max_length=MAX_MESSAGES) | None = None
     add_special_tokens: bool | None = True
     add_generation_prompt: bool | None = True
     chat_template_kwargs: ChatTemplateKwargs = None

@@ -1,12 +1,28 @@
 """Requests -> engine requests -> responses; admission control, readiness and draining.
 
-Everything here runs on the event loop except tokenization and chat templating, which go to a
-small thread pool (a long prompt never stalls other streams). The engine runs on its own thread;
-the loop only adds requests, reads their streams and aborts them.
+The event loop only does work whose size is bounded by the server's limits, not by the client:
+- tokenization and chat templating run in a small thread pool, and a text that could not fit
+  the context window whatever its tokens (more characters than max_model_len times the longest
+  token) is refused before it is tokenized;
+- bodies over INLINE_BODY_BYTES are parsed, and responses over INLINE_RESPONSE_ITEMS tokens and
+  logprobs built and encoded, in a second pool (bulk work never queues ahead of tokenization);
+  the encoding is done in short pieces (streaming.encode), since a thread that holds the GIL
+  for long stalls the loop as surely as the loop itself;
+- a token-id prompt's length is checked before its ids are scanned against the vocabulary;
+- a stream turns at most STREAM_BATCH_EVENTS queued events into SSE per wake-up.
+Small requests never pay for a thread hop. The engine runs on its own thread; the loop only
+adds requests, reads their streams and aborts them.
 
-Admission: at most `max_num_seqs + max_queue` engine requests are in flight (a request with
-n choices and p prompts counts n * p). Past that, 503 with Retry-After at once, before any
-tokenization and without touching the engine.
+Admission: one request may ask for at most max_request_seqs sequences (n x prompts; 400 above),
+and at most `max_num_seqs + max_queue` engine requests are in flight. Past that, 503 with
+Retry-After at once, before any tokenization and without touching the engine. Once admitted, a
+request is served even if SIGTERM arrives while it is tokenized (draining waits for it); only
+when the drain timeout has passed are requests not yet in the engine refused.
+
+Backpressure: a streaming request buffers at most stream_buffer_events events for its client;
+a client that stops reading past that gets its engine requests aborted (their KV blocks are
+freed), the stall counted as rejected reason "slow_consumer", and its stream ends with an error
+event once the client reads again.
 
 Requests the engine refuses (InvalidRequestError, from SamplingParams, chat templating or
 add_request) propagate as they are: app.py answers them with errors.from_engine_error.
@@ -26,6 +42,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pydantic_core
 from pydantic import BaseModel, ValidationError
 
 from server.api import streaming
@@ -40,6 +57,9 @@ from server.engine.request import FinishReason, SamplingParams
 log = logging.getLogger("headwise.api")
 
 _QUANT_SUFFIXES = (".gguf",)
+INLINE_BODY_BYTES = 64 * 1024    # bodies up to this are parsed on the loop (about 1 ms at most)
+INLINE_RESPONSE_ITEMS = 2048     # responses with up to this many tokens and logprobs are built on the loop
+STREAM_BATCH_EVENTS = 64         # queued events one stream turns into SSE per wake-up
 
 
 class ServerState:
@@ -50,7 +70,8 @@ class ServerState:
         self.in_flight = 0                 # engine requests admitted and not yet finished
         self.live: set[str] = set()        # their engine ids
         self.warm = False
-        self.draining = False
+        self.draining = False              # SIGTERM: new requests are refused
+        self.stopping = False              # the drain timed out: admitted requests not yet in the engine are too
         self.rejected: Counter[str] = Counter()
         self.tasks: set[asyncio.Task] = set()
         self._idle: asyncio.Event | None = None
@@ -91,15 +112,21 @@ class Generation:
     """The engine requests behind one HTTP request, their events merged into one queue.
 
     A pump task per engine request reads its stream to the end (the engine needs every stream
-    read) and releases its admission slot; close() aborts whatever has not finished."""
+    read) and releases its admission slot; close() aborts whatever has not finished. With
+    `max_buffered`, more than that many events waiting for the reader means the reader stalled:
+    the buffer is dropped, every engine request aborted, the stall counted (slow_consumer), and
+    the reader's next next_batch() raises streaming.SlowConsumer."""
 
-    def __init__(self, engine, state: ServerState) -> None:
+    def __init__(self, engine, state: ServerState, max_buffered: int | None = None) -> None:
         self.engine = engine
         self.state = state
-        self.queue: asyncio.Queue[tuple[int, TokenEvent]] = asyncio.Queue()
+        self.max_buffered = max_buffered
+        # events; None marks the end of a stalled reader's stream
+        self.queue: asyncio.Queue[tuple[int, TokenEvent] | None] = asyncio.Queue()
         self.rids: list[str] = []
         self.finished: set[str] = set()
         self.closed = False
+        self.stalled = False
 
     def add(self, index: int, prompt_ids: list[int], params: SamplingParams) -> None:
         rid = self.engine.add_request(prompt_ids, params)
@@ -112,22 +139,49 @@ class Generation:
             async for ev in self.engine.astream(rid):
                 if ev.finished:
                     self.finished.add(rid)
-                self.queue.put_nowait((index, ev))
+                self._put((index, ev))
         except Exception as exc:  # noqa: BLE001 - EngineDeadError or a bug: end this choice with an error
             log.error("stream of %s failed: %s", rid, exc)
             self.finished.add(rid)
-            self.queue.put_nowait((index, TokenEvent(rid, (), "", finished=True, finish_reason=FinishReason.ERROR,
-                                                     error="the engine stopped")))
+            self._put((index, TokenEvent(rid, (), "", finished=True, finish_reason=FinishReason.ERROR,
+                                         error="the engine stopped")))
         finally:
             self.state.live.discard(rid)
             self.state.release(1)
 
-    async def next_batch(self) -> list[tuple[int, TokenEvent]]:
-        """Every queued event, waiting for at least one."""
-        batch = [await self.queue.get()]
+    def _put(self, item: tuple[int, TokenEvent]) -> None:
+        if self.stalled:
+            return  # the reader is gone for good: what is left of the streams is dropped
+        self.queue.put_nowait(item)
+        if self.max_buffered is not None and self.queue.qsize() > self.max_buffered:
+            self._stall()
+
+    def _stall(self) -> None:
+        """The reader left more than max_buffered events unread: free everything it holds."""
+        self.stalled = True
+        self.state.rejected["slow_consumer"] += 1
+        log.warning("a stream's client stopped reading (%d events unread): aborting %s", self.queue.qsize(),
+                    ", ".join(self.rids))
         while not self.queue.empty():
-            batch.append(self.queue.get_nowait())
-        return batch
+            self.queue.get_nowait()
+        self.queue.put_nowait(None)
+        self.close()
+
+    async def next_batch(self, limit: int = STREAM_BATCH_EVENTS) -> list[tuple[int, TokenEvent]]:
+        """Up to `limit` queued events, waiting for at least one. When more are queued, the loop
+        first runs other work (a backlog is consumed a slice per loop iteration). Raises
+        streaming.SlowConsumer once the reader has stalled."""
+        if self.queue.qsize() > limit:
+            await asyncio.sleep(0)
+        batch = []
+        item = await self.queue.get()
+        while item is not None:
+            batch.append(item)
+            if len(batch) >= limit or self.queue.empty():
+                return batch
+            item = self.queue.get_nowait()
+        raise streaming.SlowConsumer(f"the client stopped reading its stream; more than {self.max_buffered} "
+                                     "events were waiting, so the request was stopped")
 
     def close(self) -> None:
         """Abort the engine requests that have not finished (client gone, error, shutdown)."""
@@ -150,17 +204,44 @@ async def _wait_disconnect(receive: Callable[[], Awaitable[dict]]) -> None:
             return
 
 
-def _parse(model: type[BaseModel], body: bytes) -> Any:
+def parse_body(model: type[BaseModel], body: bytes, check_raw: Callable[[Any], None] | None = None) -> Any:
+    """The request `model` a JSON body holds, or the 400 that refuses it.
+
+    Parsed in two steps, JSON first and then the model: the errors are those of
+    model_validate_json, but a too-long array is refused before its elements are validated, and
+    `check_raw` (sizes, which raises APIError) sees the parsed JSON before the model does."""
     try:
         body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise bad_request(f"request body is not valid UTF-8 (byte {exc.start})", code="invalid_encoding") from None
     try:
-        return model.model_validate_json(body)
+        value = pydantic_core.from_json(body, allow_inf_nan=True)  # NaN is refused by the model, naming its field
+    except ValueError as exc:
+        raise bad_request(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if check_raw is not None:
+        check_raw(value)
+    try:
+        return model.model_validate(value)
     except ValidationError as exc:
         raise from_validation_error(exc) from None
-    except RecursionError:
-        raise bad_request("request body is nested too deeply", code="invalid_json") from None
+
+
+def _split_prompts(prompt: str | list) -> list:
+    """A completions prompt as a list of prompts: one text, one list of token ids, or a list of either."""
+    if isinstance(prompt, str) or (prompt and not isinstance(prompt[0], (str, list))):
+        return [prompt]
+    return list(prompt)
+
+
+def max_chars_per_token(tokenizer) -> int:
+    """How many characters of text one token can stand for, at most: the longest vocabulary
+    entry (byte-level BPE entries have one character per byte, never fewer than the text's
+    characters), four times that when a normalizer runs first (NFC and the like compose a few
+    characters into one). A text longer than max_model_len times this cannot fit the context."""
+    longest = max(map(len, tokenizer.get_vocab()), default=1)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    normalized = backend is None or backend.normalizer is not None
+    return longest * (4 if normalized else 1)
 
 
 _CHAT_KWARGS_DENY = {"self", "conversation", "messages", "tools", "documents", "chat_template", "tokenize",
@@ -176,7 +257,11 @@ class OpenAIServing:
         self.cfg = cfg
         max_num_seqs = engine.config.scheduler.max_num_seqs
         self.state = ServerState(capacity=max_num_seqs + cfg.max_queue)
+        self.max_request_seqs = min(cfg.max_request_seqs or max(1, max_num_seqs // 2), self.state.capacity)
+        self.max_prompt_chars = engine.max_model_len * max_chars_per_token(engine.tokenizer)
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="headwise-tokenize")
+        # one worker: at most one long parse or render holds the GIL at a time, between the loop's turns
+        self.bulk_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headwise-bulk")
         self.token_str = streaming.TokenStrings(engine.tokenizer)
         self.created = int(time.time())
         name = engine.model_config.name
@@ -212,16 +297,44 @@ class OpenAIServing:
                        param="model", code="model_not_found")
 
     def check_serving(self) -> None:
+        """503 for a new request once SIGTERM has come."""
         if self.state.draining:
-            self.state.rejected["draining"] += 1
-            raise APIError(503, "the server is shutting down", type="service_unavailable_error",
-                           code="server_shutting_down", headers={"retry-after": str(self.cfg.retry_after_s)})
+            raise self._shutting_down()
+
+    def check_stopping(self) -> None:
+        """503 for an admitted request not yet in the engine once the drain has timed out."""
+        if self.state.stopping:
+            raise self._shutting_down()
+
+    def _shutting_down(self) -> APIError:
+        self.state.rejected["draining"] += 1
+        return APIError(503, "the server is shutting down", type="service_unavailable_error",
+                        code="server_shutting_down", headers={"retry-after": str(self.cfg.retry_after_s)})
+
+    def check_sequences(self, n: int, num_prompts: int) -> None:
+        """400 for a request asking for more sequences than one request may have."""
+        total = n * num_prompts
+        if total > self.max_request_seqs:
+            raise bad_request(f"this request asks for {total} sequences (n={n} x {num_prompts} prompts); one request "
+                              f"may have at most {self.max_request_seqs} on this server",
+                              param="n" if n > 1 or num_prompts == 1 else "prompt")
+
+    def check_text_fits(self, chars: int, param: str) -> None:
+        """context_length_exceeded, before tokenizing, for a text too long to fit whatever its tokens."""
+        if chars > self.max_prompt_chars:
+            raise APIError(400, f"the prompt is {chars} characters long; the context window of "
+                                f"{self.engine.max_model_len} tokens holds at most {self.max_prompt_chars} "
+                                "characters of it", param=param, code="context_length_exceeded")
+
+    def check_ids_fit(self, num_ids: int, param: str) -> None:
+        """context_length_exceeded for a token-id prompt that leaves no room to generate."""
+        if num_ids >= self.engine.max_model_len:
+            raise APIError(400, f"prompt has {num_ids} tokens; the context window is {self.engine.max_model_len} "
+                                "tokens and at least one must be left to generate", param=param,
+                           code="context_length_exceeded")
 
     def admit(self, k: int) -> None:
         self.check_serving()
-        if k > self.state.capacity:
-            raise bad_request(f"this request needs {k} sequences; the server runs at most {self.state.capacity} "
-                              f"at once", param="n")
         if not self.state.try_admit(k):
             self.state.rejected["queue_full"] += 1
             raise APIError(503, "the server is overloaded (the request queue is full); retry later",
@@ -229,8 +342,19 @@ class OpenAIServing:
                            headers={"retry-after": str(self.cfg.retry_after_s)})
 
     async def off_loop(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) in the tokenizer pool."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.pool, lambda: fn(*args, **kwargs))
+
+    async def in_bulk_pool(self, fn, *args):
+        """fn(*args) in the pool for large bodies and responses."""
+        return await asyncio.get_running_loop().run_in_executor(self.bulk_pool, fn, *args)
+
+    async def parse(self, model: type[BaseModel], body: bytes, check_raw: Callable[[Any], None] | None = None) -> Any:
+        """parse_body, in the bulk pool when the body is large."""
+        if len(body) <= INLINE_BODY_BYTES:
+            return parse_body(model, body, check_raw)
+        return await self.in_bulk_pool(parse_body, model, body, check_raw)
 
     def sampling_params(self, req: _SamplingFields, *, max_tokens: int | None, logprobs: int | None,
                         seed: int | None) -> SamplingParams:
@@ -253,6 +377,9 @@ class OpenAIServing:
         n = req.n or 1
         if n > self.cfg.max_n:
             raise bad_request(f"n must be at most {self.cfg.max_n}, got {n}", param="n")
+        vocab = self.engine.model_config.vocab_size
+        if req.stop_token_ids and max(req.stop_token_ids) >= vocab:
+            raise bad_request(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
         if req.stream_options is not None and not req.stream:
             raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
         if req.logit_bias:
@@ -266,7 +393,7 @@ class OpenAIServing:
 
     # -- completions --------------------------------------------------------------------------
     async def completions(self, body: bytes, receive) -> tuple[str, Any, dict]:
-        req: CompletionRequest = _parse(CompletionRequest, body)
+        req: CompletionRequest = await self.parse(CompletionRequest, body, check_raw=self.check_prompt_sizes)
         n = self.common_checks(req)
         if req.suffix:
             raise bad_request("suffix is not supported", param="suffix", code="unsupported_parameter")
@@ -282,29 +409,43 @@ class OpenAIServing:
                                                                                           echo_texts),
                                echo=bool(req.echo), receive=receive)
 
-    def _prompt_list(self, prompt) -> list[str | list[int]]:
-        if isinstance(prompt, str):
-            prompts: list = [prompt]
-        elif not prompt:
-            raise bad_request("prompt must not be empty", param="prompt")
-        elif isinstance(prompt[0], int):
-            prompts = [prompt]
-        else:
-            prompts = list(prompt)
+    def check_prompt_sizes(self, body: Any) -> None:
+        """The completions prompt's sizes, checked on the raw JSON before it is validated, so that a
+        prompt of a million token ids is refused without a million ids being validated: at most
+        max_prompts prompts, texts that could fit (check_text_fits), token ids that leave room to
+        generate (check_ids_fit). Everything else about the prompt is left to the schema and to
+        _prompt_list."""
+        raw = body.get("prompt") if isinstance(body, dict) else None
+        prompts = _split_prompts(raw) if isinstance(raw, (str, list)) else []
         if len(prompts) > self.cfg.max_prompts:
             raise bad_request(f"at most {self.cfg.max_prompts} prompts per request, got {len(prompts)}",
                               param="prompt")
         for i, p in enumerate(prompts):
-            if (isinstance(p, str) and not p) or (isinstance(p, list) and not p):
-                raise bad_request("prompt must not be empty", param="prompt" if len(prompts) == 1 else f"prompt[{i}]")
+            param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            if isinstance(p, str):
+                self.check_text_fits(len(p), param)
+            elif isinstance(p, list):
+                self.check_ids_fit(len(p), param)
+
+    def _prompt_list(self, prompt) -> list[str | list[int]]:
+        """The validated prompt as a list of prompts (their sizes were checked by
+        check_prompt_sizes, which bounds the vocabulary scan here by the context window)."""
+        prompts = _split_prompts(prompt)
+        if not prompts:
+            raise bad_request("prompt must not be empty", param="prompt")
         vocab = self.engine.model_config.vocab_size
-        for p in prompts:
-            if isinstance(p, list) and any(t >= vocab for t in p):
-                raise bad_request(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        for i, p in enumerate(prompts):
+            param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            if not p:
+                raise bad_request("prompt must not be empty", param=param)
+            if isinstance(p, list) and max(p) >= vocab:
+                raise bad_request(f"prompt token ids must be in [0, {vocab})", param=param)
         return prompts
 
     # -- chat ---------------------------------------------------------------------------------
     def chat_messages(self, messages: Sequence[ChatMessage]) -> list[dict]:
+        """The template's messages; context_length_exceeded (before templating) when their text
+        alone could not fit the context window."""
         out = []
         for i, m in enumerate(messages):
             if m.role in ("tool", "function") or m.tool_calls:
@@ -322,6 +463,7 @@ class OpenAIServing:
             if m.name is not None:
                 msg["name"] = m.name
             out.append(msg)
+        self.check_text_fits(sum(len(m["content"]) for m in out), "messages")
         return out
 
     def chat_kwargs(self, kwargs: dict | None) -> dict:
@@ -337,7 +479,7 @@ class OpenAIServing:
                                    **kwargs)
 
     async def chat(self, body: bytes, receive) -> tuple[str, Any, dict]:
-        req: ChatCompletionRequest = _parse(ChatCompletionRequest, body)
+        req: ChatCompletionRequest = await self.parse(ChatCompletionRequest, body)
         n = self.common_checks(req)
         if req.response_format is not None and req.response_format.type != "text":
             raise bad_request(f"response_format {req.response_format.type!r} is not supported",
@@ -359,25 +501,30 @@ class OpenAIServing:
     # -- shared run -----------------------------------------------------------------------------
     async def _run(self, *, kind: str, prompts, n: int, req, base: SamplingParams, fmt_factory, echo: bool,
                    receive, render=None) -> tuple[str, Any, dict]:
-        """Admit, tokenize off the loop, add to the engine; return ("stream", (iterator, generation),
-        headers) or ("json", body, headers)."""
+        """Check the sequence cap, admit, tokenize off the loop, add to the engine; return
+        ("stream", (iterator, generation), headers) or ("json", body bytes, headers).
+
+        Once admitted, a request is not refused for draining (drain waits for it), only for a
+        drain that has timed out (check_stopping)."""
         num_prompts = 1 if prompts is None else len(prompts)
+        self.check_sequences(n, num_prompts)
         total = num_prompts * n
         self.admit(total)
         added = 0
-        gen = Generation(self.engine, self.state)
+        gen = Generation(self.engine, self.state, self.cfg.stream_buffer_events if req.stream else None)
         try:
             if render is not None:
                 ids_list = [await self.render_chat(*render)]
+            elif all(isinstance(p, list) for p in prompts):
+                ids_list = prompts  # token ids, checked in _prompt_list: nothing to do off the loop
             else:
-                ids_list = await self.off_loop(
-                    lambda: [self.engine.tokenize(p) if isinstance(p, str) else list(p) for p in prompts])
+                ids_list = await self.off_loop(self._prompt_ids, prompts)
             echo_texts = None
             if echo:
                 texts = await self.off_loop(lambda: [p if isinstance(p, str) else self.engine.tokenizer.decode(p)
                                                      for p in prompts])
                 echo_texts = [t for t in texts for _ in range(n)]
-            self.check_serving()
+            self.check_stopping()
             choices = []
             for p, ids in enumerate(ids_list):
                 for i in range(n):
@@ -412,9 +559,22 @@ class OpenAIServing:
         if errors:
             raise APIError(500, f"generation failed: {errors[0] or 'engine error'}", type="server_error",
                            code="generation_failed")
-        body, t = streaming.response_body(fmt, rid=rid, created=created, model=self.model_id, choices=choices,
-                                          prompt_lengths=prompt_lengths, want_telemetry=want_telemetry)
+        render_args = (fmt, rid, created, choices, prompt_lengths, want_telemetry)
+        if streaming.response_size(choices) <= INLINE_RESPONSE_ITEMS:
+            body, t = self._render(*render_args)
+        else:
+            body, t = await self.in_bulk_pool(self._render, *render_args)
         return "json", body, streaming.timing_headers(t)
+
+    def _prompt_ids(self, prompts: list[str | list[int]]) -> list[list[int]]:
+        """Every prompt's token ids (text is tokenized: call off the loop)."""
+        return [self.engine.tokenize(p) if isinstance(p, str) else p for p in prompts]
+
+    def _render(self, fmt, rid: str, created: int, choices: list[streaming.ChoiceState], prompt_lengths: list[int],
+                want_telemetry: bool) -> tuple[bytes, dict | None]:
+        """The encoded non-streaming response and its timings."""
+        return streaming.response_bytes(fmt, rid=rid, created=created, model=self.model_id, choices=choices,
+                                        prompt_lengths=prompt_lengths, want_telemetry=want_telemetry)
 
     async def _collect(self, gen: Generation, choices: list[streaming.ChoiceState], receive) -> None:
         """Read every choice to its end; a client that goes away aborts the generation."""
@@ -449,10 +609,14 @@ class OpenAIServing:
                                             "max_model_len": self.engine.max_model_len}]}
 
     async def tokenize(self, body: bytes) -> dict:
-        req: TokenizeRequest = _parse(TokenizeRequest, body)
+        """Token ids of a prompt or conversation; one that could not fit the context window is
+        refused (context_length_exceeded) before it is tokenized, as for generation."""
+        req: TokenizeRequest = await self.parse(TokenizeRequest, body)
         self.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("give exactly one of prompt and messages", param="prompt")
+        if req.prompt is not None:
+            self.check_text_fits(len(req.prompt), "prompt")
         if req.messages is not None:
             ids = await self.render_chat(self.chat_messages(req.messages), req.add_generation_prompt is not False,
                                          self.chat_kwargs(req.chat_template_kwargs))
@@ -466,10 +630,10 @@ class OpenAIServing:
         return out
 
     async def detokenize(self, body: bytes) -> dict:
-        req: DetokenizeRequest = _parse(DetokenizeRequest, body)
+        req: DetokenizeRequest = await self.parse(DetokenizeRequest, body)
         self.check_model(req.model)
         vocab = self.engine.model_config.vocab_size
-        if any(t >= vocab for t in req.tokens):
+        if req.tokens and max(req.tokens) >= vocab:
             raise bad_request(f"token ids must be in [0, {vocab})", param="tokens")
         text = await self.off_loop(lambda: self.engine.tokenizer.decode(req.tokens))
         return {"prompt": text}
@@ -486,19 +650,23 @@ class OpenAIServing:
         self.state.warm = True
 
     async def drain(self, timeout: float, grace: float = 5.0) -> None:
-        """Refuse new work, let in-flight requests finish for up to `timeout` s, then abort the rest."""
+        """Refuse new work, let in-flight requests (admitted ones still being tokenized included)
+        finish for up to `timeout` s, then refuse those not yet in the engine and abort the rest."""
         self.state.draining = True
         log.warning("draining: %d engine requests in flight, up to %.1f s", self.state.in_flight, timeout)
         if not await self.state.wait_idle(timeout):
+            self.state.stopping = True
             log.warning("drain timeout: aborting %d engine requests", len(self.state.live))
             for rid in list(self.state.live):
                 self.engine.abort(rid)
             await self.state.wait_idle(grace)
 
     def close(self) -> None:
+        self.state.stopping = True
         for rid in list(self.state.live):
             self.engine.abort(rid)
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.bulk_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:

@@ -3,7 +3,9 @@
 The engine already detokenizes incrementally (text never splits a UTF-8 character) and trims
 stop strings, so this module only formats. One SSE event per choice per wake-up: when several
 events of a request are already queued (the client or the event loop fell behind) they are
-coalesced into one chunk per choice rather than sent one by one.
+coalesced into one chunk per choice rather than sent one by one. A stream whose client stopped
+reading ends with a slow_consumer error event (SlowConsumer). A non-streaming response is built
+and encoded a choice at a time, each in pieces (encode) that take one short json.dumps call.
 """
 
 from __future__ import annotations
@@ -18,12 +20,18 @@ from typing import Any
 from server.api.errors import error_event
 from server.engine.output import EventFold, TokenEvent
 from server.engine.request import FinishReason, RequestStats, TokenLogprob
-from server.engine.telemetry import STAT_NAMES, combine_request_telemetry
+from server.engine.telemetry import STAT_NAMES, RequestHeadTelemetry, combine_request_telemetry
 
 log = logging.getLogger("headwise.api")
 
 DONE = b"data: [DONE]\n\n"
 MIN_LOGPROB = -9999.0  # stands for -inf (JSON has no infinities), as vLLM does
+ENCODE_SPLIT_DEPTH = 3  # encode() takes apart this many levels: a choice, its logprobs, their token list
+
+
+class SlowConsumer(Exception):
+    """The stream's client stopped reading and its buffer bound was passed: its generation was
+    stopped (serving.Generation)."""
 
 
 def sse(obj: dict) -> bytes:
@@ -32,6 +40,35 @@ def sse(obj: dict) -> bytes:
 
 def dumps(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+def encode(obj: Any) -> bytes:
+    """The bytes of dumps(obj) (for dicts with string keys, as all of ours are), made in pieces:
+    the dicts and lists of the top ENCODE_SPLIT_DEPTH levels are taken apart and what is below is
+    encoded by one json.dumps call each (one token's logprobs, say). json.dumps holds the GIL for
+    its whole call, so a thread that encoded megabytes at once would stall the event loop."""
+    parts: list[bytes] = []
+    _encode_into(obj, ENCODE_SPLIT_DEPTH, parts)
+    return b"".join(parts)
+
+
+def _encode_into(obj: Any, depth: int, parts: list[bytes]) -> None:
+    if depth == 0 or not isinstance(obj, (dict, list)) or not obj:
+        parts.append(dumps(obj))
+        return
+    if isinstance(obj, dict):
+        parts.append(b"{")
+        for i, (key, value) in enumerate(obj.items()):
+            parts.append((b"," if i else b"") + dumps(key) + b":")
+            _encode_into(value, depth - 1, parts)
+        parts.append(b"}")
+        return
+    parts.append(b"[")
+    for i, item in enumerate(obj):
+        if i:
+            parts.append(b",")
+        _encode_into(item, depth - 1, parts)
+    parts.append(b"]")
 
 
 def _lp(value: float) -> float:
@@ -160,7 +197,12 @@ def head_telemetry(finals: Sequence[TokenEvent | None]) -> dict | None:
     parts = [ev.head_telemetry for ev in finals if ev is not None and ev.head_telemetry is not None]
     if not parts:
         return None
-    out = combine_request_telemetry(parts).to_dict()
+    return telemetry_json(combine_request_telemetry(parts))
+
+
+def telemetry_json(telemetry: RequestHeadTelemetry) -> dict:
+    """A RequestHeadTelemetry as JSON can carry it: its dict with non-finite means as null."""
+    out = telemetry.to_dict()
     for name in STAT_NAMES:
         out[name] = [[_finite_or_none(v) for v in row] for row in out[name]]
     return out
@@ -176,6 +218,11 @@ def usage(choices: Sequence[ChoiceState], prompt_lengths: Sequence[int]) -> dict
                  if c.final is not None and c.final.stats is not None)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def response_size(choices: Sequence[ChoiceState]) -> int:
+    """Tokens plus their logprob alternatives in the choices: how much work their response is."""
+    return sum(c.num_tokens * (1 + (len(c.logprobs[0].top) if c.logprobs else 0)) for c in choices)
 
 
 def finish_reason(ev: TokenEvent | None) -> str | None:
@@ -275,16 +322,22 @@ class ChatFormat:
 
 
 # ------------------------------------------------------------------------------ assembling
-def response_body(fmt, *, rid: str, created: int, model: str, choices: Sequence[ChoiceState],
-                  prompt_lengths: Sequence[int], want_telemetry: bool) -> tuple[dict, dict | None]:
-    """The non-streaming response object and its timings."""
-    body = {"id": rid, "object": fmt.object, "created": created, "model": model,
-            "choices": [fmt.response_choice(c) for c in choices], "usage": usage(choices, prompt_lengths)}
-    if fmt.return_token_ids:
-        for c, obj in zip(choices, body["choices"]):
+def response_bytes(fmt, *, rid: str, created: int, model: str, choices: Sequence[ChoiceState],
+                   prompt_lengths: Sequence[int], want_telemetry: bool) -> tuple[bytes, dict | None]:
+    """The non-streaming response, encoded, and its timings. Each choice is built and encoded in
+    turn, so the objects of at most one choice are alive at a time (a response of a million
+    logprob entries never becomes a million live dicts for the garbage collector to walk)."""
+    head = dumps({"id": rid, "object": fmt.object, "created": created, "model": model})
+    tail: dict = {"usage": usage(choices, prompt_lengths)}
+    _add_extras(tail, choices, want_telemetry)
+    parts = [head[:-1], b',"choices":[']
+    for i, c in enumerate(choices):
+        obj = fmt.response_choice(c)
+        if fmt.return_token_ids:
             obj["token_ids"] = c.token_ids
-    _add_extras(body, choices, want_telemetry)
-    return body, body["timings"]
+        parts.append((b"," if i else b"") + encode(obj))
+    parts += [b"],", dumps(tail)[1:]]
+    return b"".join(parts), tail["timings"]
 
 
 async def sse_events(fmt, gen, *, rid: str, created: int, model: str, choices: list[ChoiceState],
@@ -329,6 +382,9 @@ async def sse_events(fmt, gen, *, rid: str, created: int, model: str, choices: l
             obj = {**head, "choices": [], "usage": usage(choices, prompt_lengths)}
             _add_extras(obj, choices, want_telemetry)
             yield sse(obj)
+        yield DONE
+    except SlowConsumer as exc:
+        yield error_event(str(exc), code="slow_consumer")
         yield DONE
     except Exception as exc:  # noqa: BLE001 - after the headers went out, an error is an SSE event
         log.exception("stream %s failed", rid)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from server.api.streaming import telemetry_json
 from server.engine.telemetry import STAT_NAMES
 from server.latency import percentile
 
@@ -268,10 +269,11 @@ class TelemetryFeed:
         return out
 
     def request(self, request_id: str) -> dict | None:
-        """One recent request with its per-head means, or None when unknown or no longer kept."""
+        """One recent request with its per-head means (non-finite ones null), or None when
+        unknown or no longer kept."""
         with self._lock:
             rec = self._recent.get(request_id)
         if rec is None:
             return None
         return {"object": "telemetry.request", **rec.summary, "model": self.model_info(),
-                "head_telemetry": rec.head.to_dict() if rec.head is not None else None}
+                "head_telemetry": telemetry_json(rec.head) if rec.head is not None else None}
