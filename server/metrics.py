@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 
 from server.config import ModelConfig
 from server.engine.engine import ERROR_REASONS, EngineStats, StepStats
-from server.engine.request import FinishReason
+from server.engine.request import GRAMMAR_KINDS, FinishReason
 from server.engine.telemetry import HeadStats
 from server.exposition import HeadStatsText, LayerHistograms, ModelDescription
 from server.latency import ATTENTION_TIME_BUCKETS, LATENCY_HISTOGRAMS
@@ -56,7 +56,7 @@ class Metrics:
     per-head statistics are written from one snapshot of the engine's accumulators at scrape time
     (server.exposition.HeadStatsText: thousands of series, formatted directly rather than through
     the client's generic per-sample path, which costs ~10x more). The HTTP layer reports
-    admission through track_api()."""
+    admission (requests in flight, refusals, constrained requests) through track_api()."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -66,6 +66,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._api_in_flight: Callable[[], int] = lambda: 0
         self._api_rejected: Callable[[], Mapping[str, int]] = dict
+        self._api_structured: Callable[[], Mapping[str, int]] = dict
 
         self._latency = {key: Histogram(name, doc, ["model"], buckets=buckets, registry=self.registry).labels(model)
                          for key, (name, doc, buckets) in LATENCY_HISTOGRAMS.items()}
@@ -81,9 +82,11 @@ class Metrics:
         self.heads = HeadStatsText(ModelDescription(model, mc.num_layers, mc.num_heads, mc.num_kv_heads))
         engine.add_observer(self.observe_step)
 
-    def track_api(self, in_flight: Callable[[], int], rejected: Callable[[], Mapping[str, int]]) -> None:
-        """Where the HTTP layer's admission state is read at scrape time."""
-        self._api_in_flight, self._api_rejected = in_flight, rejected
+    def track_api(self, in_flight: Callable[[], int], rejected: Callable[[], Mapping[str, int]],
+                  structured: Callable[[], Mapping[str, int]]) -> None:
+        """Where the HTTP layer's admission state is read at scrape time: engine requests in
+        flight, refused requests by reason, admitted requests with an output constraint by type."""
+        self._api_in_flight, self._api_rejected, self._api_structured = in_flight, rejected, structured
 
     def observe_step(self, step: StepStats) -> None:
         """Engine observer (engine thread): one StepStats."""
@@ -159,6 +162,13 @@ class _EngineCollector:
         for reason in REJECT_REASONS:
             rejected.add_metric([model, reason], counts.get(reason, 0))
         yield rejected
+        structured = CounterMetricFamily("headwise_structured_requests",
+                                         "Admitted requests with an output constraint, by type.",
+                                         labels=["model", "type"])
+        counts = m._api_structured()
+        for kind in GRAMMAR_KINDS:
+            structured.add_metric([model, kind], counts.get(kind, 0))
+        yield structured
         mc = engine.model_config
         info = InfoMetricFamily("headwise_model", "The served model and engine layout (value 1).")
         info.add_metric([], {"model": model, "layers": str(mc.num_layers), "heads": str(mc.num_heads),

@@ -184,6 +184,8 @@ def test_info_and_load_families(served):
     assert s["headwise_num_requests_running"][0].value == 0 and s["headwise_kv_cache_usage_ratio"][0].value == 0
     assert by_labels(s["headwise_requests_rejected_total"], "reason") == {
         ("queue_full",): 0, ("draining",): 0, ("invalid_request",): 0, ("context_length_exceeded",): 0, ("slow_consumer",): 0}
+    assert by_labels(s["headwise_structured_requests_total"], "type") == {
+        ("json_object",): 0, ("json_schema",): 0, ("regex",): 0, ("choice",): 0, ("grammar",): 0}
 
 
 @needs_promtool
@@ -250,6 +252,7 @@ def test_metrics_over_a_stand_in_view():
     assert isinstance(view, EngineView)
     metrics = Metrics(view, "m", "1.0")
     assert view.observers == [metrics.observe_step]
+    metrics.track_api(lambda: 5, lambda: {"queue_full": 2}, lambda: {"regex": 3, "json_schema": 1})
     view.accumulator.add(torch.full((2, 3, 4, len(STAT_NAMES)), 0.25, dtype=torch.float64))  # [L, R, H, 5]
     st = RequestStats(num_prompt_tokens=4, num_output_tokens=3, num_cached_tokens=0, num_preemptions=0,
                       queue_time=0.01, time_to_first_token=0.1, prefill_time=0.09, decode_time=0.2, e2e_latency=0.3)
@@ -262,6 +265,10 @@ def test_metrics_over_a_stand_in_view():
     assert info.labels["block_size"] == "8" and info.labels["max_model_len"] == "48"
     assert info.labels["head_dim"] == "4" and info.labels["kv_heads"] == "2"
     assert s["headwise_num_requests_waiting"][0].value == 2 and s["headwise_kv_cache_free_blocks"][0].value == 12
+    assert s["headwise_api_requests_in_flight"][0].value == 5
+    assert by_labels(s["headwise_requests_rejected_total"], "reason")[("queue_full",)] == 2
+    assert by_labels(s["headwise_structured_requests_total"], "type") == {
+        ("json_object",): 0, ("json_schema",): 1, ("regex",): 3, ("choice",): 0, ("grammar",): 0}
     assert by_labels(s["headwise_request_success_total"], "finished_reason") == {(r,): 1 for r in FINISH_REASONS}
     assert sum(x.value for x in s["headwise_request_errors_total"]) == 1
     assert s["headwise_e2e_request_latency_seconds_count"][0].value == len(FinishReason)

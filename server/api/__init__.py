@@ -16,17 +16,44 @@ Routes
     GET  /openapi.json, /docs
 
 Request fields: OpenAI's (model, prompt / messages, max_tokens, max_completion_tokens (chat),
-temperature, top_p, n, stop, seed, presence_penalty, frequency_penalty, logprobs, top_logprobs
-(chat), echo (completions), stream, stream_options.include_usage, user) and the common
-extensions (top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids,
-include_stop_str_in_output, skip_special_tokens, return_token_ids, chat_template_kwargs,
-add_generation_prompt), plus "head_telemetry": true (DESIGN.md "Contracts"). "model" may be
+temperature, top_p, n, stop, seed, presence_penalty, frequency_penalty, logit_bias,
+response_format, logprobs, top_logprobs (chat), echo (completions), stream,
+stream_options.include_usage, user) and the common extensions (top_k, min_p,
+repetition_penalty, min_tokens, ignore_eos, stop_token_ids, include_stop_str_in_output,
+skip_special_tokens, return_token_ids, chat_template_kwargs, add_generation_prompt, guided_json,
+guided_regex, guided_choice, guided_grammar, structured_outputs), plus "head_telemetry": true
+(DESIGN.md "Contracts"). "model" may be
 omitted; otherwise it must name the served model (its id, its name without a quantization
 suffix, its path, or a --served-model-name), case-insensitively, else 404. With n > 1 and a
 seed, choice i uses seed + i (choice 0 equals the n = 1 answer). max_tokens: /v1/completions
 generates at most 16 tokens unless told otherwise, also when max_tokens is null (OpenAI's
 default); chat generates up to the end of the context window when neither max_completion_tokens
 nor max_tokens is given (or both are null), as OpenAI's chat does.
+
+Structured output (completions and chat alike; at most one constraint per request, two are a
+400 naming both):
+    response_format   {"type": "text"} (no constraint), {"type": "json_object"} (any JSON
+                      object), or {"type": "json_schema", "json_schema": {"name", "schema",
+                      "strict", "description"}}: the output is JSON matching schema (an object;
+                      name: 1 to 64 of a-z A-Z 0-9 _ -, as OpenAI), whatever strict says
+    guided_json       vLLM's: a JSON schema, as an object or as its JSON text
+    guided_regex      the output matches this regular expression
+    guided_choice     the output is one of these strings (an array of at least one)
+    guided_grammar    the output is a sentence of this Lark grammar
+    structured_outputs  vLLM's newer form: one of {"json", "regex", "choice", "grammar",
+                      "json_object": true} (structural_tag is refused as unsupported)
+The grammar is compiled by llguidance off the event loop before the request is added. A schema
+that is not valid JSON or uses a feature llguidance does not support, a regex or grammar that
+does not compile, and a constraint that no output of the model's vocabulary can satisfy are
+refused with a 400 whose param is the field it came from, before anything is scheduled. A
+request ends with finish_reason "stop" when its grammar is complete, and with "stop" and
+stop_reason "grammar_dead_end" if it ever reaches a dead end; output cut by max_tokens
+("length") is cut JSON. Admitted constrained requests count in
+headwise_structured_requests_total{type} (docs/metrics.md).
+logit_bias (as OpenAI): {"token id": bias}, at most 300 entries; ids in decimal digits and below
+the vocabulary size, biases finite numbers in [-100, 100], added to the token's logit before
+sampling (-100 bans it, +100 all but forces it); it composes with every other field, a grammar
+included.
 
 Extra response fields
     "timings" (final response object, or the last chunk before [DONE]), in seconds:

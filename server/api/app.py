@@ -132,7 +132,8 @@ def create_app(engine, metrics=None, cfg: ServerConfig | None = None) -> FastAPI
     cfg = cfg or ServerConfig()
     serving = OpenAIServing(engine, cfg)
     metrics = metrics or Metrics(engine, serving.model_id, __version__)
-    metrics.track_api(lambda: serving.state.in_flight, lambda: dict(serving.state.rejected))
+    metrics.track_api(lambda: serving.state.in_flight, lambda: dict(serving.state.rejected),
+                      lambda: dict(serving.state.structured))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

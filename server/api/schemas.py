@@ -10,17 +10,23 @@ Prompt), so a prompt of a million token ids costs one pass, not one failed pass 
 every array stops at its first bad element (Array), so an invalid array of a million elements
 costs one error, not a million. Range checks that depend on the server's configuration (n,
 prompts per request) or on the model (context window, vocabulary) happen in serving.py; the
-sampler's own checks (SamplingParams) run there too.
+sampler's own checks (SamplingParams) run there too. The output constraints (response_format,
+vLLM's guided_* fields and structured_outputs) are checked for shape here and turned into the
+engine's GrammarSpec by server/api/structured.py; logit_bias is validated here into the engine's
+sorted (token id, bias) pairs.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from server.engine.request import MAX_LOGPROBS
+from server.api.errors import echo
+from server.engine.request import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS
 from server.engine.telemetry import RequestHeadTelemetry
 
 MAX_NAME_CHARS = 256
@@ -76,6 +82,92 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 ChatTemplateKwargs = Annotated[dict[str, Any] | None, AfterValidator(_check_finite_json)]
 
 
+# ---------------------------------------------------------------------- output constraints
+def _format_name(name: str) -> str:
+    """response_format.json_schema.name as OpenAI allows it."""
+    if not re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", name):
+        raise _custom("must be 1 to 64 characters, each a letter, a digit, '_' or '-'")
+    return name
+
+
+# a JSON schema given as an object, with no NaN or Infinity anywhere inside
+SchemaObject = Annotated[dict[str, Any], AfterValidator(_check_finite_json)]
+
+
+def _schema_shape(value: Any) -> str | None:
+    """The tag of the SchemaOrText member `value` can be."""
+    return "schema-object" if isinstance(value, dict) else "schema-text" if isinstance(value, str) else None
+
+
+# vLLM's guided_json and structured_outputs.json: a JSON schema as an object or as its JSON text
+SchemaOrText = Annotated[
+    Annotated[SchemaObject, Tag("schema-object")] | Annotated[str, Tag("schema-text")],
+    Discriminator(_schema_shape, custom_error_type="invalid_value",
+                  custom_error_message="must be a JSON schema: an object, or its JSON text")]
+Choices = Array(str, min_length=1)
+
+
+class JsonSchemaFormat(_Strict):
+    """response_format.json_schema (OpenAI): the output is JSON matching `schema`, whatever
+    `strict` says; `description` is accepted and not used."""
+
+    name: Annotated[str, AfterValidator(_format_name)]
+    schema_: SchemaObject = Field(alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's response_format: free text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise _custom('json_schema is required when type is "json_schema"')
+        return self
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's structured_outputs object: one constraint among its fields (server/api/structured.py
+    refuses two, and structural_tag, which is not supported)."""
+
+    json_: SchemaOrText | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: Choices | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: Any = None
+
+
+def _logit_bias_pairs(bias: dict[str, Any]) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} as the engine's sorted (token id, bias) pairs: at most
+    MAX_LOGIT_BIAS_ENTRIES entries, ids written in decimal digits (each id once), biases finite
+    numbers in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS]. The ids are checked against the vocabulary in
+    serving.py."""
+    if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise _custom(f"at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(bias)}")
+    pairs: dict[int, float] = {}
+    for key, value in bias.items():
+        token = ascii_uint(key, max_digits=10)
+        if token is None:
+            raise _custom(f"keys must be token ids written in decimal digits, got {echo(key)}")
+        if token in pairs:
+            raise _custom(f"token id {token} is given more than once")
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or abs(value) > MAX_LOGIT_BIAS):
+            raise _custom(f"the bias of token {token} must be a number in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                          f"got {echo(value)}")
+        pairs[token] = float(value)
+    return tuple(sorted(pairs.items()))
+
+
+# the request's JSON object, validated into sorted (token id, bias) pairs
+LogitBias = Annotated[dict[str, Any], AfterValidator(_logit_bias_pairs)]
+
+
 class _SamplingFields(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI names + extensions)."""
 
@@ -90,7 +182,8 @@ class _SamplingFields(_Strict):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    logit_bias: dict[str, Any] | None = None  # refused unless empty (serving.py): values are not checked
+    logit_bias: LogitBias | None = None
+    response_format: ResponseFormat | None = None
     user: Annotated[str, Field(max_length=MAX_NAME_CHARS)] | None = None
     # extensions (vLLM names)
     top_k: Annotated[int, Field(ge=-1, le=2**31 - 1)] | None = None
@@ -102,6 +195,12 @@ class _SamplingFields(_Strict):
     include_stop_str_in_output: bool | None = False
     skip_special_tokens: bool | None = True
     return_token_ids: bool | None = False  # each choice also carries its token ids (vLLM's extension)
+    # output constraints (vLLM's names; at most one per request, response_format included)
+    guided_json: SchemaOrText | None = None
+    guided_regex: str | None = None
+    guided_choice: Choices | None = None
+    guided_grammar: str | None = None  # a Lark grammar
+    structured_outputs: StructuredOutputs | None = None
     # headwise: per-request per-head attention statistics (DESIGN.md "Contracts")
     head_telemetry: bool | None = False
 
@@ -172,10 +271,6 @@ class ChatMessage(_Strict):
         return v
 
 
-class ResponseFormat(_Strict):
-    type: Literal["text", "json_object", "json_schema"]
-
-
 class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions."""
 
@@ -184,7 +279,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None

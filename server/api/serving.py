@@ -26,6 +26,11 @@ event once the client reads again.
 
 Requests the engine refuses (InvalidRequestError, from SamplingParams, chat templating or
 add_request) propagate as they are: app.py answers them with errors.from_engine_error.
+
+Structured output: a request's output constraint (structured.grammar_spec) is compiled off the
+loop, into the engine's grammar cache, before the request is added (a first compile also builds
+llguidance's view of the vocabulary); a grammar that does not compile is refused then, before
+anything is scheduled. Admitted constrained requests are counted by kind (ServerState.structured).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from server.config import ServerConfig
 from server.api.errors import APIError, bad_request, echo, from_validation_error
 from server.api.schemas import (ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                                 TokenizeRequest, _SamplingFields)
+from server.api.structured import grammar_spec
 from server.engine.errors import EngineDeadError
 from server.engine.output import TokenEvent
 from server.engine.request import FinishReason, SamplingParams
@@ -73,6 +79,7 @@ class ServerState:
         self.draining = False              # SIGTERM: new requests are refused
         self.stopping = False              # the drain timed out: admitted requests not yet in the engine are too
         self.rejected: Counter[str] = Counter()
+        self.structured: Counter[str] = Counter()  # admitted requests with an output constraint, by kind
         self.tasks: set[asyncio.Task] = set()
         self._idle: asyncio.Event | None = None
 
@@ -358,13 +365,15 @@ class OpenAIServing:
 
     def sampling_params(self, req: _SamplingFields, *, max_tokens: int | None, logprobs: int | None,
                         seed: int | None) -> SamplingParams:
-        """The engine's parameters for a request; SamplingParams raises InvalidRequestError on bad values."""
+        """The engine's parameters for a request; SamplingParams raises InvalidRequestError on bad values,
+        grammar_spec a 400 for more than one output constraint."""
         stop = req.stop
         stop = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
         kw = dict(max_tokens=max_tokens, seed=seed, stop=stop, stop_token_ids=tuple(req.stop_token_ids or ()),
                   logprobs=logprobs, ignore_eos=bool(req.ignore_eos),
                   include_stop_str_in_output=bool(req.include_stop_str_in_output),
-                  skip_special_tokens=req.skip_special_tokens is not False, head_telemetry=bool(req.head_telemetry))
+                  skip_special_tokens=req.skip_special_tokens is not False, head_telemetry=bool(req.head_telemetry),
+                  logit_bias=req.logit_bias or (), grammar=grammar_spec(req))
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty", "min_tokens"):
             value = getattr(req, name)
@@ -380,10 +389,11 @@ class OpenAIServing:
         vocab = self.engine.model_config.vocab_size
         if req.stop_token_ids and max(req.stop_token_ids) >= vocab:
             raise bad_request(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
+        if req.logit_bias and req.logit_bias[-1][0] >= vocab:  # sorted pairs: the largest id is the last
+            raise bad_request(f"logit_bias token ids must be in [0, {vocab}), got {req.logit_bias[-1][0]}",
+                              param="logit_bias")
         if req.stream_options is not None and not req.stream:
             raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
-        if req.logit_bias:
-            raise bad_request("logit_bias is not supported", param="logit_bias", code="unsupported_parameter")
         return n
 
     @staticmethod
@@ -481,9 +491,6 @@ class OpenAIServing:
     async def chat(self, body: bytes, receive) -> tuple[str, Any, dict]:
         req: ChatCompletionRequest = await self.parse(ChatCompletionRequest, body)
         n = self.common_checks(req)
-        if req.response_format is not None and req.response_format.type != "text":
-            raise bad_request(f"response_format {req.response_format.type!r} is not supported",
-                              param="response_format", code="unsupported_parameter")
         if req.tools and req.tool_choice != "none":
             raise bad_request("tools are not supported", param="tools", code="unsupported_parameter")
         if req.top_logprobs is not None and not req.logprobs:
@@ -501,8 +508,8 @@ class OpenAIServing:
     # -- shared run -----------------------------------------------------------------------------
     async def _run(self, *, kind: str, prompts, n: int, req, base: SamplingParams, fmt_factory, echo: bool,
                    receive, render=None) -> tuple[str, Any, dict]:
-        """Check the sequence cap, admit, tokenize off the loop, add to the engine; return
-        ("stream", (iterator, generation), headers) or ("json", body bytes, headers).
+        """Check the sequence cap, admit, tokenize and compile the grammar off the loop, add to the
+        engine; return ("stream", (iterator, generation), headers) or ("json", body bytes, headers).
 
         Once admitted, a request is not refused for draining (drain waits for it), only for a
         drain that has timed out (check_stopping)."""
@@ -524,6 +531,8 @@ class OpenAIServing:
                 texts = await self.off_loop(lambda: [p if isinstance(p, str) else self.engine.tokenizer.decode(p)
                                                      for p in prompts])
                 echo_texts = [t for t in texts for _ in range(n)]
+            if base.grammar is not None:
+                await self.off_loop(self.engine.compile_grammar, base.grammar)
             self.check_stopping()
             choices = []
             for p, ids in enumerate(ids_list):
@@ -533,6 +542,8 @@ class OpenAIServing:
                     gen.add(index, ids, params)
                     added += 1
                     choices.append(streaming.ChoiceState(index=index))
+            if base.grammar is not None:
+                self.state.structured[base.grammar.kind] += 1
         except EngineDeadError:
             gen.close()
             raise APIError(503, "the engine is not running", type="service_unavailable_error",

@@ -32,7 +32,7 @@ from server.engine.errors import EngineDeadError, InvalidRequestError, UnknownRe
 from server.engine.inputs import InputProcessor
 from server.engine.loader import LoadedModel, load_model
 from server.engine.output import EventFold, OutputProcessor, TokenEvent
-from server.engine.request import FinishReason, Request, RequestStats, RequestStatus, SamplingParams
+from server.engine.request import FinishReason, GrammarSpec, Request, RequestStats, RequestStatus, SamplingParams
 from server.engine.runner import ModelRunner, StepOutput
 from server.engine.scheduler import Batch, ScheduledRequest, Scheduler
 from server.engine.streams import RequestStream
@@ -181,6 +181,11 @@ class Engine:
     def chat_prompt(self, messages: Sequence[dict], add_generation_prompt: bool = True, **template_kwargs) -> list[int]:
         """Token ids of messages rendered through the model's chat template."""
         return self.inputs.chat_prompt(messages, add_generation_prompt, **template_kwargs)
+
+    def compile_grammar(self, spec: GrammarSpec) -> None:
+        """Compile spec into the grammar cache now (any thread; InvalidRequestError when it is
+        bad), so that add_request with it only copies the compiled grammar."""
+        self.inputs.grammars.matcher(spec)
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                     request_id: str | None = None, internal: bool = False) -> str:

@@ -76,9 +76,9 @@ class GrammarCompiler:
     def _compile(self, spec: GrammarSpec):
         import llguidance
 
-        text = '{"type": "object"}' if spec.kind == "json_object" else spec.value
-        if spec.kind == "json_schema":
-            _check_schema_json(spec)
+        text = spec.value
+        if spec.kind in ("json_schema", "json_object"):
+            text = _compact_json(_schema(spec) if spec.kind == "json_schema" else {"type": "object"})
         try:
             grammar = llguidance.grammar_from(_FORMATS[spec.kind], text)
         except (ValueError, TypeError) as exc:
@@ -94,7 +94,8 @@ class GrammarCompiler:
         return matcher
 
 
-def _check_schema_json(spec: GrammarSpec) -> None:
+def _schema(spec: GrammarSpec) -> dict | bool:
+    """The spec's JSON schema, or InvalidRequestError when it is not one."""
     try:
         schema = json.loads(spec.value)
     except json.JSONDecodeError as exc:
@@ -103,6 +104,16 @@ def _check_schema_json(spec: GrammarSpec) -> None:
     if not isinstance(schema, (dict, bool)):
         raise InvalidRequestError(f"{spec.param}: a JSON schema is an object (or true / false), "
                                   f"got {type(schema).__name__}", param=spec.param)
+    return schema
+
+
+def _compact_json(schema: dict | bool) -> str:
+    """The schema as llguidance's input, with JSON whitespace held to one optional space between
+    tokens (llguidance's default allows any run of whitespace, which small models fill with
+    newlines), unless the schema sets its own llguidance options ("x-guidance")."""
+    if isinstance(schema, dict) and "x-guidance" not in schema:
+        schema = {**schema, "x-guidance": {"whitespace_flexible": False, "whitespace_pattern": "[ ]?"}}
+    return json.dumps(schema)
 
 
 def _first_line(message: str) -> str:
