@@ -364,12 +364,12 @@ def test_non_finite_logits_end_only_their_request(tiny_llama_dir, monkeypatch):
     expected = alone(tiny_engine(tiny_llama_dir), "Hello world", params)
     real_sample = runner_mod.sample
 
-    def poisoning(logits, rows):
+    def poisoning(logits, rows, allowed=None):
         logits = logits.clone()
         for i, r in enumerate(rows):
             if r.prompt_token_ids == poison_ids:
                 logits[i] = float("nan")
-        return real_sample(logits, rows)
+        return real_sample(logits, rows, allowed)
 
     monkeypatch.setattr(runner_mod, "sample", poisoning)
     poison_ids = engine.tokenize("A quick brown fox")
