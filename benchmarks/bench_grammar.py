@@ -53,6 +53,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from server.api.streaming import _byte_decoder
+
 pc = time.perf_counter
 
 
@@ -167,22 +169,9 @@ class Unsupported(Exception):
 # ---------------------------------------------------------------------------------------------
 # Byte-level vocabulary (GPT-2 style) for outlines-core and the reduced-vocabulary test
 
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) \
-        + list(range(ord("\xae"), ord("\xff") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def token_bytes(tokenizer, vocab_size: int) -> tuple[list[bytes | None], set[int]]:
     """id -> raw bytes of the token (None for special/added tokens), and the special ids."""
-    dec = {c: b for b, c in _bytes_to_unicode().items()}
+    dec = _byte_decoder()                                   # GPT-2's byte-level text -> bytes
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
     out: list[bytes | None] = [None] * vocab_size
     for s, i in tokenizer.get_vocab().items():
