@@ -13,5 +13,13 @@ directly.
 Modules, one job each: records (the dataclasses between layers), dataset (prompts), tokens
 (token counting for exact prompt lengths), schedule (arrival times), driver (async streaming
 requests), stats (pure statistics), server_metrics (/metrics before and after), report (JSON),
-table (text), plot (PNG), cli (flags -> runs). locustfile.py drives the same requests from Locust.
+table (text), plot (PNG), sse (SSE lines as the standard splits them), flags (argparse values),
+cli (flags -> runs).
+locustfile.py drives the same requests from Locust.
+
+The soak (python -m loadtests --soak SECONDS): soak_records (its dataclasses), soak_mix (the seeded
+request mix), soak_client (one request -> Outcome), soak_probe (GET /health lag on a thread),
+soak_proc (/proc: RSS, descriptors, the listening pid), soak_metrics (KV blocks from /metrics),
+soak_launch (start and stop a server), soak_run (the timed run), soak_verdict (summary and
+invariants, pure), soak_report (table and JSON), soak_cli (flags -> run).
 """

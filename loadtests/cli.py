@@ -7,6 +7,10 @@ Examples
     python -m loadtests --base-url http://127.0.0.1:8080 --tokenizer path/to/model.gguf   # llama-server
     python -m loadtests --dataset-path prompts.jsonl --endpoint chat
 
+Soak mode: python -m loadtests --soak SECONDS runs a mixed load (streams, disconnects, invalid and
+oversize bodies, overload bursts) against a live server for a fixed time and checks that nothing
+leaks (KV blocks, memory, descriptors) and nothing hangs; python -m loadtests --soak --help.
+
 Every run is bounded: --num-requests per load point, --max-duration seconds per load point
 (then in-flight requests are cut off and counted as failed), --request-timeout per request.
 Exit status: 0 when every request completed, 1 when any failed, 2 for bad flags or set-up.
@@ -25,6 +29,7 @@ import sys
 from collections.abc import Sequence
 
 from loadtests import dataset, plot, server_metrics, table
+from loadtests.flags import positive
 from loadtests.driver import run_point
 from loadtests.records import LoadPoint, Prompt, RequestRecord
 from loadtests.report import PointResult, report_json
@@ -54,18 +59,6 @@ def _numbers(kind: type, name: str):
         if any(v <= 0 for v in values):
             raise argparse.ArgumentTypeError(f"{name}: values must be > 0")
         return values
-    return parse
-
-
-def _positive(kind: type):
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError("must be > 0")
-        return v
     return parse
 
 
@@ -101,18 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="most requests in flight (default: 1 without --request-rate, else unbounded)")
     load.add_argument("--request-rate", type=_numbers(float, "--request-rate"), default=None,
                       help="Poisson arrivals, requests/s ('inf': all at once; default)")
-    load.add_argument("--num-requests", type=_positive(int), default=32, help="requests per load point (default: 32)")
-    load.add_argument("--max-duration", type=_positive(float), default=300.0,
+    load.add_argument("--num-requests", type=positive(int), default=32, help="requests per load point (default: 32)")
+    load.add_argument("--max-duration", type=positive(float), default=300.0,
                       help="seconds per load point before sending stops and in-flight requests are cut off "
                            "(default: 300)")
-    load.add_argument("--request-timeout", type=_positive(float), default=300.0, help="seconds per request (default: 300)")
+    load.add_argument("--request-timeout", type=positive(float), default=300.0, help="seconds per request (default: 300)")
     load.add_argument("--warmup", type=int, default=1, help="requests sent one by one before measuring (default: 1)")
     load.add_argument("--seed", type=int, default=0, help="seeds prompts and arrival times (default: 0)")
     d = p.add_argument_group("prompts")
     d.add_argument("--dataset-path", default=None, help="JSONL file of {\"prompt\"} or {\"messages\"} lines "
                                                         "(optional \"max_tokens\"); default: synthetic prompts")
-    d.add_argument("--input-len", type=_positive(int), default=128, help="synthetic prompt tokens (default: 128)")
-    d.add_argument("--output-len", type=_positive(int), default=64, help="output tokens per request (default: 64)")
+    d.add_argument("--input-len", type=positive(int), default=128, help="synthetic prompt tokens (default: 128)")
+    d.add_argument("--output-len", type=positive(int), default=64, help="output tokens per request (default: 64)")
     d.add_argument("--tokenizer", default="server",
                    help="counts synthetic prompt tokens: 'server' (POST /tokenize; default), 'default' "
                         "(headwise's default model), a .gguf file or a Hugging Face folder")
@@ -131,7 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--no-server-metrics", dest="server_metrics", action="store_false",
                    help="do not read the server's /metrics")
     o.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    s = p.add_argument_group("soak")
+    s.add_argument("--soak", metavar="SECONDS", help="run the soak mode instead: its own flags, "
+                                                     "see python -m loadtests --soak --help")
     return p
+
+
+def wants_soak(argv: Sequence[str]) -> bool:
+    return any(a == "--soak" or a.startswith("--soak=") for a in argv)
 
 
 def load_points(args: argparse.Namespace) -> list[LoadPoint]:
@@ -271,6 +271,10 @@ def meta(args: argparse.Namespace, argv: Sequence[str], target: Target, slo: Slo
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if wants_soak(argv):
+        from loadtests import soak_cli
+
+        return soak_cli.main(argv)
     args = build_parser().parse_args(argv)
     load_before = os.getloadavg()
     try:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from loadtests import sse
 from loadtests.records import Chunk, LoadPoint, Prompt, RequestRecord, RunRecord
 from loadtests.schedule import arrival_offsets
 from loadtests.target import Target, request_body
@@ -57,7 +58,7 @@ async def _stream(client: httpx.AsyncClient, target: Target, prompt: Prompt, sta
         if r.status_code != 200:
             body = (await r.aread()).decode(errors="replace")
             return state.record(False, f"HTTP {r.status_code}: {_error_message(body)}")
-        async for line in r.aiter_lines():
+        async for line in sse.lines(r.aiter_bytes()):
             if not line.startswith("data:"):
                 continue
             data = line[5:].strip()

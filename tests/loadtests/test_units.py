@@ -90,6 +90,30 @@ def test_chunk_tokens_prefers_token_ids_and_counts_text_otherwise():
     assert chunk_tokens({"choices": [], "usage": {"completion_tokens": 4}}, chat=False) == (0, None)
 
 
+def test_a_token_with_a_unicode_line_separator_does_not_break_its_sse_chunk():
+    """U+2028 and U+0085 are plain characters in an SSE data line (the server writes non-ASCII as
+    is); only a line feed ends the line."""
+    import asyncio
+
+    import httpx
+
+    from loadtests.driver import _InFlight, send
+
+    chunks = [{"choices": [{"index": 0, "text": t, "token_ids": [i], "finish_reason": None}]}
+              for i, t in enumerate(("a\u2028b", "c\x85d", "e"))]
+    body = b"".join(b"data: " + json.dumps(c, ensure_ascii=False).encode() + b"\n\n" for c in chunks)
+    body += b'data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":3}}\n\ndata: [DONE]\n\n'
+
+    async def go():
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body))
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await send(client, Target(base_url="http://test", model=None), Prompt("hi", None, 3),
+                              _InFlight(send_time=0.0))
+
+    record = asyncio.run(go())
+    assert record.ok and record.error is None and record.output_tokens == 3 and len(record.chunks) == 3
+
+
 def test_request_body_per_server_kind():
     prompt = Prompt(text="hi", messages=None, max_tokens=5)
     hw = request_body(Target("http://x", "m", kind="headwise"), prompt)
