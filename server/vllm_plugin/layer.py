@@ -1,0 +1,144 @@
+"""One attention layer's telemetry inside a vLLM worker: support check, sampling, accumulation.
+
+An attention-backend subclass (server/vllm_plugin/cpu_attn.py) owns one LayerTelemetry per layer
+and calls record() after the stock kernel has written the layer's output, on every step with
+attention metadata. record() only reads q and the paged K cache and adds to this layer's own
+HeadStatsAccumulator; it never writes a tensor vLLM uses, and any failure turns telemetry off for
+the layer (one log line, a reason exported as a label) instead of reaching vLLM.
+
+Imports torch and headwise's telemetry only (no vLLM), so it is unit-tested without vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.telemetry import HeadStats, HeadStatsAccumulator, finalize_stats, key_weights
+from server.vllm_plugin.paged import StepSampler, gather_keys_t, row_accumulators, telemetry_rows, vec_key_blocks
+from server.vllm_plugin.settings import PluginSettings
+
+logger = logging.getLogger(__name__)
+
+# The one K-cache packing the plugin reads (vLLM CPU_ATTN's ISA name).
+SUPPORTED_ISA = "vec"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What the plugin needs of one attention layer (this rank's slice of its heads)."""
+
+    num_heads: int          # query heads on this rank
+    num_kv_heads: int       # KV heads on this rank
+    head_dim: int
+    scale: float
+
+
+@dataclass(frozen=True)
+class AttentionFeatures:
+    """The layer options that change the attention weights, as vLLM's impl receives them."""
+
+    alibi: bool = False
+    sliding_window: int | None = None     # None or -1: none
+    sinks: bool = False                   # learned attention sinks (gpt-oss)
+    softcap: float | None = None          # None or 0: none
+    kv_cache_dtype: str = "auto"
+    decoder: bool = True                  # causal decoder self-attention
+
+    def unsupported_reason(self) -> str | None:
+        """Why the statistics would not be those of the weights the kernel applies, or None."""
+        if not self.decoder:
+            return "not_decoder_attention"
+        if self.alibi:
+            return "alibi"
+        if self.sliding_window not in (None, -1):
+            return "sliding_window"
+        if self.sinks:
+            return "attention_sinks"
+        if self.softcap not in (None, 0, 0.0):
+            return "softcap"
+        if self.kv_cache_dtype != "auto":
+            return f"kv_cache_dtype_{self.kv_cache_dtype}"
+        return None
+
+
+class LayerTelemetry:
+    """Per-layer state: the step sampler, the per-key weight table and this rank's running sums."""
+
+    def __init__(self, spec: LayerSpec, features: AttentionFeatures, settings: PluginSettings) -> None:
+        if spec.num_heads % spec.num_kv_heads:
+            raise ValueError(f"{spec.num_heads} query heads do not group over {spec.num_kv_heads} KV heads")
+        self.spec = spec
+        self.settings = settings
+        self.sampler = StepSampler(settings.sample_rate)
+        self.accumulator = HeadStatsAccumulator(1, spec.num_heads, settings.buckets)
+        self.disabled: str | None = features.unsupported_reason()
+        self._announced = False
+        self._weights = key_weights(0, settings.sink_tokens)           # [0, 2], grown on demand
+
+    @property
+    def active(self) -> bool:
+        return self.disabled is None and self.settings.sample_rate > 0
+
+    def record(self, layer_name: str, isa: str | None, query: torch.Tensor, kv_cache: torch.Tensor,
+               query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor) -> None:
+        """Add this step's telemetry rows when the step is sampled.
+
+        query [T, H, D] (the layer's q, T >= the step's tokens); kv_cache [NB, KVH, BS, 2 D] the
+        layer's paged cache, already holding this step's keys; query_start_loc [B + 1];
+        seq_lens [B] keys of each sequence's last row; block_table [B, max_blocks].
+        """
+        if self.disabled is not None:
+            self._announce(layer_name)
+            return
+        if not self.sampler.take():
+            return
+        try:
+            reason = self._layout_problem(isa, query, kv_cache)
+            if reason is not None:
+                self.disable(layer_name, reason)
+                return
+            stats = self._stats(query, kv_cache, query_start_loc, seq_lens, block_table)  # [R, H, 5]
+            if stats is not None:
+                self.accumulator.add(stats[None])                      # [1, R, H, 5]
+        except Exception as exc:  # telemetry must never take vLLM down: turn it off, loudly
+            logger.exception("headwise: telemetry failed in %s; it stays off for this layer", layer_name)
+            self.disable(layer_name, f"error_{type(exc).__name__}")
+
+    def disable(self, layer_name: str, reason: str) -> None:
+        self.disabled = reason
+        self._announce(layer_name)
+
+    def snapshot(self) -> HeadStats:
+        return self.accumulator.snapshot()
+
+    def _announce(self, layer_name: str) -> None:
+        if not self._announced:
+            self._announced = True
+            logger.warning("headwise: per-head telemetry is off for %s (%s); its tokens are unaffected",
+                           layer_name, self.disabled)
+
+    def _layout_problem(self, isa: str | None, query: torch.Tensor, kv_cache: torch.Tensor) -> str | None:
+        s = self.spec
+        if isa != SUPPORTED_ISA:
+            return f"kv_layout_{isa}"
+        if kv_cache.dim() != 4 or kv_cache.shape[1] != s.num_kv_heads or kv_cache.shape[3] != 2 * s.head_dim:
+            return "kv_layout_shape"
+        if query.dim() != 3 or query.shape[1] != s.num_heads or query.shape[2] != s.head_dim:
+            return "query_shape"
+        return None
+
+    def _stats(self, query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
+               seq_lens: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor | None:
+        rows, seqs = telemetry_rows(query_start_loc, seq_lens)        # [R], [R]
+        if rows.numel() == 0:
+            return None
+        lens = seq_lens.to(torch.long)[seqs]                          # [R]
+        n = int(lens.max())
+        if self._weights.shape[0] < n:
+            self._weights = key_weights(max(n, 2 * self._weights.shape[0], 256), self.settings.sink_tokens)  # [P, 2]
+        keys_t = gather_keys_t(vec_key_blocks(kv_cache), block_table[seqs], n)  # [R, KVH, D, N]
+        acc = row_accumulators(query.index_select(0, rows), keys_t, lens, self.spec.scale, self._weights)  # [R, H, 4]
+        return finalize_stats(acc, lens)                              # [R, H, 5]

@@ -1,0 +1,111 @@
+"""The plugin's accumulator math on a synthetic paged cache in vLLM CPU_ATTN's "vec" layout,
+against a float64 softmax computed from the unpaged keys (no vLLM needed)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from server.engine.telemetry import finalize_stats, key_weights
+from server.vllm_plugin.paged import StepSampler, gather_keys_t, row_accumulators, telemetry_rows, vec_key_blocks
+
+BS, KVH, H, D = 32, 3, 9, 64
+
+
+def paged_cache(keys: list[torch.Tensor], num_blocks: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write each sequence's keys [n, KVH, D] into a [NB, KVH, BS, 2 D] cache the way vLLM's
+    cpu_attn_reshape_and_cache does for the vec ISA (K^T per block), on shuffled blocks.
+    Returns (kv_cache, block_table [B, max_blocks] int32). Unused slots hold garbage."""
+    g = torch.Generator().manual_seed(seed)
+    cache = torch.randn(num_blocks, KVH, BS, 2 * D, generator=g) * 50    # garbage everywhere
+    width = max(-(-k.shape[0] // BS) for k in keys)
+    order = torch.randperm(num_blocks, generator=g)
+    table = torch.zeros(len(keys), width + 2, dtype=torch.int32)
+    flat = cache.view(num_blocks, KVH, 2 * BS * D)
+    used = 0
+    for b, k in enumerate(keys):
+        for w in range(-(-k.shape[0] // BS)):
+            blk = int(order[used])
+            used += 1
+            table[b, w] = blk
+            chunk = k[w * BS:(w + 1) * BS]                                 # [<=BS, KVH, D]
+            kt = flat[blk, :, :BS * D].view(KVH, D, BS)                     # column-major K block
+            kt[:, :, :chunk.shape[0]] = chunk.permute(1, 2, 0)
+    return cache, table
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, sink: int = 4) -> torch.Tensor:
+    """float64 statistics of one row: q [H, D], k [n, KVH, D] -> [H, 5] in STAT_NAMES order."""
+    q, k = q.double(), k.double()
+    n = k.shape[0]
+    kk = k.repeat_interleave(H // KVH, dim=1)                              # [n, H, D]
+    s = torch.einsum("hd,nhd->hn", q, kk) / math.sqrt(D)                   # [H, n]
+    p = torch.softmax(s, dim=-1)                                           # [H, n]
+    ent = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)                    # [H]
+    norm = ent / math.log(n) if n > 1 else torch.zeros_like(ent)
+    i = n - 1
+    pos = torch.arange(n, dtype=torch.float64)
+    look = (i - (p * pos).sum(-1)) / i if i > 0 else torch.zeros_like(ent)
+    return torch.stack([ent, norm, p.amax(-1), p[:, :sink].sum(-1), look], dim=-1)
+
+
+@pytest.mark.parametrize("lens", [[1, 2, 31, 32, 33, 100], [257], [5, 64, 64, 97]])
+def test_accumulators_match_float64_softmax(lens):
+    g = torch.Generator().manual_seed(len(lens))
+    keys = [torch.randn(n, KVH, D, generator=g) * 2 for n in lens]
+    q = torch.randn(len(lens), H, D, generator=g) * 2                    # [R, H, D]
+    cache, table = paged_cache(keys, num_blocks=64)
+    ctx = torch.tensor(lens)
+    n = max(lens)
+    keys_t = gather_keys_t(vec_key_blocks(cache), table, n)               # [R, KVH, D, N]
+    acc = row_accumulators(q, keys_t, ctx, 1 / math.sqrt(D), key_weights(n + 7, 4))
+    got = finalize_stats(acc, ctx).double()                               # [R, H, 5]
+    want = torch.stack([reference(q[b], keys[b]) for b in range(len(lens))])
+    assert torch.allclose(got, want, atol=2e-5, rtol=1e-5), (got - want).abs().amax()
+
+
+def test_bfloat16_cache_is_read_in_float32():
+    g = torch.Generator().manual_seed(3)
+    keys = [torch.randn(40, KVH, D, generator=g)]
+    cache, table = paged_cache(keys, num_blocks=8)
+    q = torch.randn(1, H, D, generator=g)
+    kt = gather_keys_t(vec_key_blocks(cache.bfloat16()), table, 40)
+    assert kt.dtype == torch.float32
+    acc = row_accumulators(q.bfloat16(), kt, torch.tensor([40]), 1 / math.sqrt(D), key_weights(40, 4))
+    want = reference(q.bfloat16()[0], keys[0].bfloat16())[None]
+    assert torch.allclose(finalize_stats(acc, torch.tensor([40])).double(), want, atol=1e-4)
+
+
+def test_vec_key_blocks_is_a_view_of_the_key_half():
+    cache = torch.arange(2 * KVH * BS * 2 * D, dtype=torch.float32).view(2, KVH, BS, 2 * D)
+    kb = vec_key_blocks(cache)
+    assert kb.shape == (2, KVH, D, BS) and kb.data_ptr() == cache.data_ptr()
+    # element [b, h, d, j] is at offset d * BS + j inside the (b, h) region, before the values
+    assert kb[1, 2, 3, 5] == cache.view(2, KVH, -1)[1, 2, 3 * BS + 5]
+
+
+def test_telemetry_rows_take_each_sequences_last_row_and_skip_padding():
+    qsl = torch.tensor([0, 1, 2, 7, 7, 10], dtype=torch.int32)            # decode, decode, prefill 5, empty, prefill 3
+    seq = torch.tensor([9, 4, 5, 0, 12], dtype=torch.int32)
+    rows, seqs = telemetry_rows(qsl, seq)
+    assert rows.tolist() == [0, 1, 6, 9] and seqs.tolist() == [0, 1, 2, 4]
+
+
+@pytest.mark.parametrize("rate, steps, taken", [(1.0, 50, 50), (0.0, 50, 0), (0.25, 100, 25), (0.1, 1000, 100),
+                                                (1 / 3, 300, 100)])
+def test_sampler_takes_exactly_the_rate(rate, steps, taken):
+    s = StepSampler(rate)
+    assert sum(s.take() for _ in range(steps)) == taken
+
+
+def test_two_samplers_agree_step_by_step():
+    a, b = StepSampler(0.3), StepSampler(0.3)
+    assert [a.take() for _ in range(40)] == [b.take() for _ in range(40)]
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.5])
+def test_sampler_refuses_a_rate_outside_0_1(rate):
+    with pytest.raises(ValueError, match="sample rate"):
+        StepSampler(rate)
