@@ -101,6 +101,48 @@ class PrefillSpan:
     want_stats: bool           # the last row computes telemetry this step
 
 
+def decode_stats_rows(stats: list[int], num_decodes: int, device: torch.device) -> torch.Tensor | None:
+    """[Rd] the decode rows (of 0 .. num_decodes - 1) that compute telemetry, in order; None when
+    that is all of them or there are none to pick (no telemetry, no decodes)."""
+    if not stats or not num_decodes or stats[:num_decodes] == list(range(num_decodes)):
+        return None
+    return torch.tensor([s for s in stats if s < num_decodes], dtype=torch.long, device=device)  # [Rd]
+
+
+def prefill_spans(meta: AttentionMetadata, stats: list[int], block_offsets: torch.Tensor
+                  ) -> tuple[PrefillSpan, ...]:
+    """The prefill chunks of a step (sequences num_decodes ..), each with the cache slots of all
+    its keys. stats: the sequences whose last row computes telemetry; block_offsets [bs] = 0..bs-1."""
+    bs = block_offsets.shape[0]
+    want = set(stats)
+    qsl = meta.query_start_loc_cpu.tolist()
+    lens = meta.seq_lens_cpu.tolist()
+    spans = []
+    for b in range(meta.num_decodes, meta.num_seqs):
+        c = lens[b]
+        table = meta.block_table[b, :-(-c // bs)]                                             # [W]
+        slots = (table[:, None] * bs + block_offsets).reshape(-1)[:c]                         # [C]
+        spans.append(PrefillSpan(qsl[b], qsl[b + 1] - qsl[b], slots, b in want))
+    return tuple(spans)
+
+
+def attend_prefill(cache: KVCache, layer: int, q: torch.Tensor, out: torch.Tensor, span: PrefillSpan,
+                   scale: float, sink_tokens: int, weights: torch.Tensor) -> torch.Tensor | None:
+    """One prefill chunk: rows but the last through prefill_attention, the last (the one that
+    samples) through attend(), whether or not it computes telemetry, so outputs never depend on it.
+    q, out [T, H, D] (out written in place); weights [P, 2] key weights of every position.
+    Returns the last row's accumulators [1, H, 4] when span.want_stats, else None."""
+    kc, vc = cache.gather(layer, span.slots)                         # [C, KVH, D]
+    first, last = span.start, span.start + span.length - 1
+    out[first:last] = prefill_attention(q[first:last], kc[:-1], vc[:-1], scale)  # [n - 1, H, D]
+    c = kc.shape[0]
+    ctx = torch.full((1,), c, dtype=torch.long, device=q.device)      # [1]
+    o, acc = attend(q[last:last + 1], kc[None], vc[None], ctx, scale, span.want_stats, sink_tokens,
+                    weights[:c])                                     # [1, H, D], [1, H, 4]
+    out[last:last + 1] = o
+    return acc
+
+
 @dataclass(frozen=True)
 class TorchPlan:
     """The torch backend's per-step indices, derived once per step from AttentionMetadata."""
@@ -141,27 +183,14 @@ class TorchAttentionBackend:
         return True
 
     def prepare(self, meta: AttentionMetadata) -> TorchPlan:
-        bs = self.cache.block_size
-        dev = meta.block_table.device
         bd = meta.num_decodes
         stats = meta.stats_seqs_cpu.tolist() if meta.stats_seqs_cpu is not None else []
-        decode_stats = None
-        if stats and bd and stats[:bd] != list(range(bd)):
-            decode_stats = torch.tensor([s for s in stats if s < bd], dtype=torch.long, device=dev)  # [Rd]
+        decode_stats = decode_stats_rows(stats, bd, meta.block_table.device)                       # [Rd] or None
         decode_lens = meta.seq_lens[:bd]                                                          # [Bd]
         decode_slots = (self._slots(meta.block_table[:bd], decode_lens, int(meta.seq_lens_cpu[:bd].max()))
                         if bd else None)                                                          # [Bd, N]
-        want = set(stats)
-        qsl = meta.query_start_loc_cpu.tolist()
-        lens = meta.seq_lens_cpu.tolist()
-        offsets = self.block_offsets                                                              # [bs]
-        prefills = []
-        for b in range(bd, meta.num_seqs):
-            c = lens[b]
-            table = meta.block_table[b, :-(-c // bs)]                                             # [W]
-            slots = (table[:, None] * bs + offsets).reshape(-1)[:c]                               # [C]
-            prefills.append(PrefillSpan(qsl[b], qsl[b + 1] - qsl[b], slots, b in want))
-        return TorchPlan(meta.slot_mapping, bd, decode_slots, decode_lens, decode_stats, tuple(prefills), bool(stats))
+        prefills = prefill_spans(meta, stats, self.block_offsets)
+        return TorchPlan(meta.slot_mapping, bd, decode_slots, decode_lens, decode_stats, prefills, bool(stats))
 
     def _slots(self, table: torch.Tensor, lens: torch.Tensor, n: int) -> torch.Tensor:
         """Cache slots of the first lens[b] positions of each block-table row, the zero slot
@@ -192,14 +221,7 @@ class TorchAttentionBackend:
             if acc is not None:
                 parts.append(acc if plan.decode_stats is None else acc[plan.decode_stats])  # [Rd, H, 4]
         for span in plan.prefills:
-            kc, vc = cache.gather(layer, span.slots)                     # [C, KVH, D]
-            first, last = span.start, span.start + span.length - 1
-            out[first:last] = prefill_attention(q[first:last], kc[:-1], vc[:-1], scale)  # [n - 1, H, D]
-            c = kc.shape[0]
-            ctx = torch.full((1,), c, dtype=torch.long, device=q.device)  # [1]
-            o, acc = attend(q[last:last + 1], kc[None], vc[None], ctx, scale, span.want_stats, sink,
-                            self.key_weights[:c])                        # [1, H, D], [1, H, 4]
-            out[last:last + 1] = o
+            acc = attend_prefill(cache, layer, q, out, span, scale, sink, self.key_weights)  # [1, H, 4] or None
             if acc is not None:
                 parts.append(acc)
         if not parts:
