@@ -19,7 +19,7 @@ def test_generate_streams_and_prints_entropy_table(tiny_llama_dir, capsys):
     assert len(table) == 3 and all(len(line.split()) == 1 + 4 for line in table)  # 3 layers x 4 heads
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("backend", ["auto", "cpu", "torch"])
 def test_generate_chat(tiny_llama_dir, capsys, backend):
     assert main(["generate", "Hello", "--chat", "--model", tiny_llama_dir, "--max-tokens", "4",
                  "--max-model-len", "256", "--no-telemetry", "--attention-backend", backend]) == 0
@@ -30,7 +30,7 @@ def test_generate_chat(tiny_llama_dir, capsys, backend):
     (["generate", "x", "--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf"),
     (["generate", "x", "--temperature", "-1"], "temperature"),
     (["generate", "x", "--telemetry-sample-rate", "0"], "sample_rate"),
-    (["generate", "x", "--attention-backend", "flash9"], "unknown --attention-backend 'flash9'; choose from auto, torch"),
+    (["generate", "x", "--attention-backend", "flash9"], "unknown --attention-backend 'flash9'; choose from auto, cpu, torch"),
 ])
 def test_bad_flags_fail_with_a_clear_message(argv, needle, capsys):
     assert main(argv) == 2

@@ -9,6 +9,10 @@ forward returns out [T, H, D] and, on steps that compute telemetry, the accumula
 [R, H, NUM_ACCUMULATORS] (server/engine/telemetry.py) of the rows in meta.stats_seqs_cpu order.
 The output must not depend on whether telemetry is computed. Adding a backend is one new file
 plus one line in BACKENDS.
+
+Backends, in the order "auto" tries them: "cpu" (cpu_paged.py: decode rows through a C++ op over
+the paged cache, CPU only, where the extension builds; otherwise auto warns once and moves on),
+"torch" (torch_ref.py: the reference, any device).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
+from server.engine.attention.cpu_paged import CpuPagedBackend
 from server.engine.attention.metadata import AttentionMetadata
 from server.engine.attention.torch_ref import TorchAttentionBackend
 from server.engine.kv_cache import KVCache
@@ -37,7 +42,7 @@ class AttentionBackend(Protocol):
 
 
 # name -> class(cache, sink_tokens, max_positions); "auto" picks the first that supports the device.
-BACKENDS: dict[str, type] = {"torch": TorchAttentionBackend}
+BACKENDS: dict[str, type] = {"cpu": CpuPagedBackend, "torch": TorchAttentionBackend}
 BACKEND_CHOICES = ("auto", *BACKENDS)
 
 

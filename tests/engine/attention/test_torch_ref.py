@@ -145,7 +145,7 @@ def test_backend_reads_and_writes_through_block_tables(stats):
     q = torch.randn(sum(new), h, d, generator=g)
     k_new = torch.cat([kk[n - nn:] for kk, n, nn in zip(k_all, lens, new)])
     v_new = torch.cat([vv[n - nn:] for vv, n, nn in zip(v_all, lens, new)])
-    backend = build_backend("auto", cache, torch.device("cpu"), sink_tokens=4, max_positions=64)
+    backend = build_backend("torch", cache, torch.device("cpu"), sink_tokens=4, max_positions=64)
     meta = _meta(tables, lens, new, bs, stats)
     out, acc = backend.forward(0, q, k_new, v_new, backend.prepare(meta))
     rows = [0, 1, 2 + new[2] - 1]  # each sequence's last query row
@@ -176,5 +176,5 @@ def test_unknown_backend_is_a_clear_error():
     mc = ModelConfig(name="t", architecture="llama", vocab_size=10, hidden_size=32, intermediate_size=8,
                      num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=64)
     cache = KVCache.allocate(mc, num_blocks=2, block_size=4)
-    with pytest.raises(ValueError, match="unknown attention backend 'nope'.*auto, torch"):
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'.*auto, cpu, torch"):
         build_backend("nope", cache, torch.device("cpu"), sink_tokens=4, max_positions=8)

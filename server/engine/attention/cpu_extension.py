@@ -1,0 +1,98 @@
+"""Builds and loads the C++ paged-decode op (csrc/paged_decode.cpp) once per process.
+
+torch.utils.cpp_extension.load compiles it with the system C++ compiler and ninja into torch's
+extensions directory (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), once per source,
+flags and CPU: -march=native code only runs on the CPU kind it was built for, so the library's
+name carries a fingerprint of the CPU's flags. Later loads find it built (scripts/setup.sh builds
+it at set-up). The op registers itself as torch.ops.headwise.paged_decode.
+
+    python -c "from server.engine.attention.cpu_extension import main; main()"   # build now (set-up)
+
+When it cannot be built (no compiler, no ninja, a compile error) load_paged_decode() returns the
+reason instead, and logs it once: the "auto" attention backend then uses the torch reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+
+
+@dataclass(frozen=True)
+class Extension:
+    """The loaded op, or why there is none."""
+
+    op: Callable | None   # torch.ops.headwise.paged_decode
+    reason: str | None    # set when op is None
+
+
+def _cpu_fingerprint() -> str:
+    """8 hex digits of the CPU's model and flags (so a cache shared across machines never runs
+    code built for another CPU)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    keep = sorted({ln for ln in lines if ln.startswith(("flags", "model name", "vendor_id"))})
+    return hashlib.sha256("\n".join(keep).encode()).hexdigest()[:8]
+
+
+def _missing_tool() -> str | None:
+    """Why a build cannot even start, or None. Finds ninja installed next to this Python
+    (pip's ninja in a virtual environment that is not activated) by putting it on PATH."""
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx!r} not found on PATH; install g++ or set CXX)"
+    if shutil.which("ninja") is None:
+        scripts = sysconfig.get_path("scripts")
+        if scripts and (Path(scripts) / "ninja").exists():
+            os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+        else:
+            return "ninja not found (pip install ninja)"
+    return None
+
+
+@functools.cache
+def load_paged_decode() -> Extension:
+    """Build (first time) and load the op; never raises. Logs one warning when unavailable."""
+    reason = _missing_tool()
+    if reason is None:
+        try:
+            import torch
+            from torch.utils.cpp_extension import load
+
+            load(name=f"headwise_paged_decode_{_cpu_fingerprint()}", sources=[str(SOURCE)],
+                 extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
+            return Extension(torch.ops.headwise.paged_decode, None)
+        except Exception as exc:  # a compiler error, a linker error, an unwritable cache dir
+            text = str(exc).strip().splitlines()
+            reason = f"building {SOURCE.name} failed: {type(exc).__name__}: {text[0] if text else ''}"
+    logger.warning("headwise: the CPU paged-decode attention extension is unavailable (%s); "
+                   "--attention-backend auto uses the torch reference, --attention-backend cpu cannot run",
+                   reason)
+    return Extension(None, reason)
+
+
+def main() -> None:
+    """Build now; exit status 1 when the extension is unavailable (set-up warns and goes on)."""
+    t0 = time.monotonic()
+    print(f"[cpu_extension] building {SOURCE.name} (or finding it built) ...", file=sys.stderr, flush=True)
+    ext = load_paged_decode()
+    if ext.op is None:
+        print(f"[cpu_extension] not built: {ext.reason}", file=sys.stderr)
+        sys.exit(1)
+    print(f"[cpu_extension] ready in {time.monotonic() - t0:.1f} s", file=sys.stderr)

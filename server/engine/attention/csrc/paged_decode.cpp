@@ -1,0 +1,382 @@
+// Paged decode attention on the CPU with headwise's per-head telemetry in the same pass.
+//
+// One query row per sequence (the decode rows of a step) attends over its seq_len keys, read
+// directly from one layer's paged K/V cache through its block table: no gathered, padded copy.
+// Per (row, KV head) pair, the G = H / KVH query heads of the group share every key and value
+// load. Per (row, query head) an exact two-pass softmax, as in the torch reference
+// (server/engine/attention/torch_ref.py, attend):
+//   s_j = (q . k_j) * scale            into a scratch row, j = 0 .. n-1 (only valid keys exist here)
+//   m = max s,  e_j = exp(s_j - m),  l = sum e,  out = (sum_j e_j v_j) / l
+// and, when compute_stats, the accumulators of server/engine/telemetry.py in its layout
+//   acc = (l, t = sum e_j (s_j - m), sum_{j < sink_tokens} e_j, sum e_j j).
+// Everything accumulates in float32. l and out come from the same code whether or not telemetry
+// is computed (the statistics are extra loops over the same e), so out is bit-identical either
+// way; each (row, KV head) is computed alone, so a row's result never depends on the batch.
+// Keys and values are read in tiles of 16 (one tile stays in L1 while all G heads use it). With
+// AVX-512 and D a multiple of 16, a tile's 16 x G dot products end in one transpose-and-add
+// (hsum16), values accumulate in registers and exp is 16 lanes wide; elsewhere portable loops
+// over LANES partial sums do the same (no -ffast-math anywhere: every sum has a fixed order, so
+// results are deterministic). exp is a Cephes-style polynomial (relative error ~2 ulp), exactly 0
+// below float's normal range.
+//
+// References: FlashAttention-2 / vLLM paged attention (block-table addressing), DESIGN.md
+// "Per-head telemetry", Cephes expf.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+constexpr int64_t LANES = 16;
+
+// exp(x) for x <= 0 (callers pass s - max s); 0 below float's normal range, like a flush to zero.
+inline float exp_nonpositive(float x) {
+  const float lo = -87.0f;
+  const bool under = x < lo;
+  x = under ? lo : x;
+  // n = round(x / ln 2) by the 1.5 * 2^23 trick (no fast-math needed); r = x - n ln 2 in two steps
+  const float magic = 12582912.0f;
+  float n = (x * 1.44269504088896341f + magic) - magic;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return under ? 0.0f : p * two_n;
+}
+
+inline float reduce_lanes(const float* acc) {
+  float total = 0.0f;
+  for (int64_t u = 0; u < LANES; ++u) total += acc[u];
+  return total;
+}
+
+// sum_d a[d] * b[d] over LANES partial sums.
+inline float dot(const float* a, const float* b, int64_t d) {
+  float acc[LANES] = {0.0f};
+  int64_t i = 0;
+  for (; i + LANES <= d; i += LANES)
+    for (int64_t u = 0; u < LANES; ++u) acc[u] += a[i + u] * b[i + u];
+  for (int64_t u = 0; i < d; ++i, ++u) acc[u] += a[i] * b[i];
+  return reduce_lanes(acc);
+}
+
+inline float max_of(const float* x, int64_t n) {
+  float acc[LANES];
+  for (int64_t u = 0; u < LANES; ++u) acc[u] = x[0];
+  int64_t j = 0;
+  for (; j + LANES <= n; j += LANES)
+    for (int64_t u = 0; u < LANES; ++u) acc[u] = x[j + u] > acc[u] ? x[j + u] : acc[u];
+  for (int64_t u = 0; j < n; ++j, ++u) acc[u] = x[j] > acc[u] ? x[j] : acc[u];
+  float m = acc[0];
+  for (int64_t u = 1; u < LANES; ++u) m = acc[u] > m ? acc[u] : m;
+  return m;
+}
+
+// e[j] = exp(s[j] - m); returns l = sum e.
+inline float exp_and_sum(const float* s, float m, float* e, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) e[j] = exp_nonpositive(s[j] - m);
+  float acc[LANES] = {0.0f};
+  int64_t j = 0;
+  for (; j + LANES <= n; j += LANES)
+    for (int64_t u = 0; u < LANES; ++u) acc[u] += e[j + u];
+  for (int64_t u = 0; j < n; ++j, ++u) acc[u] += e[j];
+  return reduce_lanes(acc);
+}
+
+// The telemetry sums besides l: t = sum e (s - m), sink = sum_{j < sink_tokens} e, pos = sum e j.
+inline void stat_sums(const float* s, const float* e, float m, int64_t n, int64_t sink_tokens,
+                      float* out3) {
+  float t_acc[LANES] = {0.0f};
+  float p_acc[LANES] = {0.0f};
+  int64_t j = 0;
+  for (; j + LANES <= n; j += LANES)
+    for (int64_t u = 0; u < LANES; ++u) {
+      const float ej = e[j + u];
+      t_acc[u] += ej * (s[j + u] - m);
+      p_acc[u] += ej * static_cast<float>(j + u);
+    }
+  for (int64_t u = 0; j < n; ++j, ++u) {
+    t_acc[u] += e[j] * (s[j] - m);
+    p_acc[u] += e[j] * static_cast<float>(j);
+  }
+  float sink = 0.0f;
+  for (int64_t k = 0; k < std::min(n, sink_tokens); ++k) sink += e[k];
+  out3[0] = reduce_lanes(t_acc);
+  out3[1] = sink;
+  out3[2] = reduce_lanes(p_acc);
+}
+
+struct Shapes {
+  int64_t H, KVH, G, D, bs, NB, W, table_stride;
+  int64_t slot_stride;  // floats between consecutive cache slots: KVH * D
+};
+
+constexpr int64_t CHUNK = 16;  // keys per tile: one tile of K or V (16 x D floats) stays in L1 for all G heads
+
+// Pointers to the D floats of KV head g of keys j0 .. j0 + c - 1 (block-table addressing).
+inline void tile_rows(const float* cache, const int32_t* table, int64_t j0, int64_t c, int64_t g,
+                      const Shapes& sh, const float** rows) {
+  for (int64_t u = 0; u < c; ++u) {
+    const int64_t j = j0 + u;
+    const int64_t slot = static_cast<int64_t>(table[j / sh.bs]) * sh.bs + j % sh.bs;
+    rows[u] = cache + slot * sh.slot_stride + g * sh.D;
+  }
+}
+
+#if defined(__AVX512F__)
+// Sixteen horizontal sums at once: lane i of the result is the sum of the 16 lanes of a[i].
+inline __m512 hsum16(__m512* a) {
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i)
+    d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// s[h, j] = (q_h . k_j) * scale for the G heads of one group; D % 16 == 0.
+void scores(const float* qg, const float* kc, const int32_t* table, int64_t n, int64_t g, const Shapes& sh,
+            float scale, float* s) {
+  const int64_t D = sh.D;
+  const float* rows[CHUNK];
+  for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
+    const int64_t c = std::min(CHUNK, n - j0);
+    tile_rows(kc, table, j0, c, g, sh, rows);
+    for (int64_t h = 0; h < sh.G; ++h) {
+      const float* qh = qg + h * D;
+      __m512 part[CHUNK];
+      for (int64_t u = 0; u < CHUNK; ++u) part[u] = _mm512_setzero_ps();
+      for (int64_t u = 0; u < c; ++u) {
+        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_loadu_ps(rows[u]));
+        for (int64_t d = 16; d < D; d += 16)
+          a = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), _mm512_loadu_ps(rows[u] + d), a);
+        part[u] = a;
+      }
+      const __m512 sums = _mm512_mul_ps(hsum16(part), _mm512_set1_ps(scale));
+      _mm512_mask_storeu_ps(s + h * n + j0, static_cast<__mmask16>((1u << c) - 1u), sums);
+    }
+  }
+}
+
+// o[h, :] = sum_j e[h, j] v_j for the G heads of one group; D % 16 == 0.
+void weighted_values(const float* e, const float* vc, const int32_t* table, int64_t n, int64_t g,
+                     const Shapes& sh, float* o) {
+  const int64_t D = sh.D;
+  const float* rows[CHUNK];
+  std::fill(o, o + sh.G * D, 0.0f);
+  for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
+    const int64_t c = std::min(CHUNK, n - j0);
+    tile_rows(vc, table, j0, c, g, sh, rows);
+    for (int64_t h = 0; h < sh.G; ++h) {
+      const float* eh = e + h * n + j0;
+      for (int64_t d = 0; d < D; d += 64) {  // up to four accumulators in registers
+        const int64_t w = std::min<int64_t>(4, (D - d) / 16);
+        __m512 acc[4];
+        for (int64_t x = 0; x < w; ++x) acc[x] = _mm512_loadu_ps(o + h * D + d + 16 * x);
+        for (int64_t u = 0; u < c; ++u) {
+          const __m512 wu = _mm512_set1_ps(eh[u]);
+          for (int64_t x = 0; x < w; ++x)
+            acc[x] = _mm512_fmadd_ps(wu, _mm512_loadu_ps(rows[u] + d + 16 * x), acc[x]);
+        }
+        for (int64_t x = 0; x < w; ++x) _mm512_storeu_ps(o + h * D + d + 16 * x, acc[x]);
+      }
+    }
+  }
+}
+
+inline __m512 exp_nonpositive16(__m512 x) {
+  const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), _mm512_scalef_ps(p, n));
+}
+
+// e[j] = exp(s[j] - m) (0 past n inside the last vector); returns l = sum e.
+inline float exp_and_sum16(const float* s, float m, float* e, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  const __m512 mv = _mm512_set1_ps(m);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1u);
+    const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), mv);
+    const __m512 ex = _mm512_maskz_mov_ps(k, exp_nonpositive16(x));
+    _mm512_mask_storeu_ps(e + j, k, ex);
+    acc = _mm512_add_ps(acc, ex);
+  }
+  float lanes[16];
+  _mm512_storeu_ps(lanes, acc);
+  return reduce_lanes(lanes);
+}
+#endif
+
+// Portable versions (any CPU, any D): the same arithmetic, one key at a time.
+void scores_portable(const float* qg, const float* kc, const int32_t* table, int64_t n, int64_t g,
+                     const Shapes& sh, float scale, float* s) {
+  const float* rows[CHUNK];
+  for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
+    const int64_t c = std::min(CHUNK, n - j0);
+    tile_rows(kc, table, j0, c, g, sh, rows);
+    for (int64_t h = 0; h < sh.G; ++h)
+      for (int64_t u = 0; u < c; ++u) s[h * n + j0 + u] = dot(qg + h * sh.D, rows[u], sh.D) * scale;
+  }
+}
+
+void weighted_values_portable(const float* e, const float* vc, const int32_t* table, int64_t n, int64_t g,
+                              const Shapes& sh, float* o) {
+  const int64_t D = sh.D;
+  const float* rows[CHUNK];
+  std::fill(o, o + sh.G * D, 0.0f);
+  for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
+    const int64_t c = std::min(CHUNK, n - j0);
+    tile_rows(vc, table, j0, c, g, sh, rows);
+    for (int64_t h = 0; h < sh.G; ++h)
+      for (int64_t u = 0; u < c; ++u) {
+        const float w = e[h * n + j0 + u];
+        float* oh = o + h * D;
+        for (int64_t d = 0; d < D; ++d) oh[d] += w * rows[u][d];
+      }
+  }
+}
+
+// One (row, KV head): scores, softmax, output and (optionally) accumulators of its G query heads.
+void attend_group(const float* q_row, const float* kc, const float* vc, const int32_t* table,
+                  int64_t n, int64_t g, const Shapes& sh, float scale, bool stats, int64_t sink_tokens,
+                  float* out_row, float* acc_row, std::vector<float>& scratch) {
+  const int64_t G = sh.G, D = sh.D;
+  scratch.resize(static_cast<size_t>(2 * G * n + G * D));
+  float* s = scratch.data();            // [G, n] scores
+  float* e = s + G * n;                 // [G, n] exp(s - m)
+  float* o = e + G * n;                 // [G, D] sum e v
+  const float* qg = q_row + g * G * D;  // [G, D] this group's query heads
+  float m[64], l[64];                   // G <= 64 (checked by the caller)
+#if defined(__AVX512F__)
+  const bool wide = D % 16 == 0;
+#else
+  const bool wide = false;
+#endif
+  if (wide) {
+#if defined(__AVX512F__)
+    scores(qg, kc, table, n, g, sh, scale, s);
+    for (int64_t h = 0; h < G; ++h) {
+      m[h] = max_of(s + h * n, n);
+      l[h] = exp_and_sum16(s + h * n, m[h], e + h * n, n);
+    }
+    weighted_values(e, vc, table, n, g, sh, o);
+#endif
+  } else {
+    scores_portable(qg, kc, table, n, g, sh, scale, s);
+    for (int64_t h = 0; h < G; ++h) {
+      m[h] = max_of(s + h * n, n);
+      l[h] = exp_and_sum(s + h * n, m[h], e + h * n, n);
+    }
+    weighted_values_portable(e, vc, table, n, g, sh, o);
+  }
+  for (int64_t h = 0; h < G; ++h) {
+    float* dst = out_row + (g * G + h) * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] = o[h * D + d] / l[h];
+  }
+  if (!stats) return;
+  for (int64_t h = 0; h < G; ++h) {
+    float* a = acc_row + (g * G + h) * 4;
+    a[0] = l[h];
+    stat_sums(s + h * n, e + h * n, m[h], n, sink_tokens, a + 1);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> paged_decode(const at::Tensor& q, const at::Tensor& k_cache,
+                                                const at::Tensor& v_cache, const at::Tensor& block_table,
+                                                const at::Tensor& seq_lens, double scale, bool compute_stats,
+                                                int64_t sink_tokens) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous() && q.device().is_cpu(),
+              "paged_decode: q must be a contiguous float32 CPU tensor [Bd, H, D]");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "paged_decode: k_cache and v_cache must both be [NB, block_size, KVH, D]");
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.device().is_cpu() &&
+                  v_cache.device().is_cpu(),
+              "paged_decode: k_cache and v_cache must be contiguous float32 CPU tensors");
+  TORCH_CHECK(block_table.dim() == 2 && block_table.scalar_type() == at::kInt && block_table.stride(1) == 1 &&
+                  block_table.device().is_cpu(),
+              "paged_decode: block_table must be int32 [Bd, W] with unit column stride");
+  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.scalar_type() == at::kInt && seq_lens.is_contiguous() &&
+                  seq_lens.device().is_cpu(),
+              "paged_decode: seq_lens must be a contiguous int32 [Bd]");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t NB = k_cache.size(0), bs = k_cache.size(1), KVH = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D, "paged_decode: head_dim of q and the cache differ");
+  TORCH_CHECK(KVH > 0 && H % KVH == 0 && H / KVH <= 64, "paged_decode: H must be a multiple of KVH (H/KVH <= 64)");
+  TORCH_CHECK(block_table.size(0) == B && seq_lens.size(0) == B, "paged_decode: batch sizes differ");
+  TORCH_CHECK(sink_tokens >= 0, "paged_decode: sink_tokens must be >= 0");
+  const Shapes sh{H, KVH, H / KVH, D, bs, NB, block_table.size(1), block_table.stride(0), KVH * D};
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* table = block_table.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {  // every index the kernel will follow, checked before it runs
+    const int64_t n = lens[b];
+    TORCH_CHECK(n >= 1 && n <= sh.W * bs, "paged_decode: seq_lens[", b, "] = ", n,
+                " outside 1 .. block_table width * block_size");
+    for (int64_t w = 0; w < (n + bs - 1) / bs; ++w) {
+      const int32_t blk = table[b * sh.table_stride + w];
+      TORCH_CHECK(blk >= 0 && blk < NB, "paged_decode: block_table[", b, ", ", w, "] = ", blk, " out of range");
+    }
+  }
+  at::Tensor out = at::empty({B, H, D}, q.options());
+  at::Tensor acc = compute_stats ? at::empty({B, H, 4}, q.options()) : at::empty({0}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kc = k_cache.data_ptr<float>();
+  const float* vc = v_cache.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  float* ap = compute_stats ? acc.data_ptr<float>() : nullptr;
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / KVH, g = i % KVH;
+      attend_group(qp + b * H * D, kc, vc, table + b * sh.table_stride, lens[b], g, sh, sc, compute_stats,
+                   sink_tokens, op + b * H * D, compute_stats ? ap + b * H * 4 : nullptr, scratch);
+    }
+  });
+  return {out, acc};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(headwise, m) {
+  m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
+        "float scale, bool compute_stats, int sink_tokens) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(headwise, CPU, m) { m.impl("paged_decode", &paged_decode); }

@@ -1,0 +1,231 @@
+"""The CPU fast path: the C++ paged-decode op against float64 math and the torch reference, the
+backend through the runner's metadata (decodes and prefill chunks in one step), the fallback when
+the extension cannot be built, and the engine end to end against the reference backend."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import shutil
+
+import pytest
+import torch
+
+from server.engine.attention import build_backend, cpu_extension, cpu_paged
+from server.engine.attention.torch_ref import attend
+from server.engine.kv_cache import KVCache
+from server.engine.telemetry import finalize_stats
+from tests.engine.attention.test_torch_ref import _meta, reference_row
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the extension")
+
+BS = 16
+
+
+@pytest.fixture(scope="module")
+def op():
+    ext = cpu_extension.load_paged_decode()
+    assert ext.op is not None, ext.reason  # a compiler is present: a build failure is a failure
+    return ext.op
+
+
+def paged(lens: list[int], h: int, kvh: int, d: int, seed: int, qscale: float = 3.0, pad_cols: int = 2):
+    """Random paged cache whose rows own scattered blocks; every block no row owns holds 1e4 (so a
+    stray read shows), block-table columns past each row's blocks hold an out-of-range id."""
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-n // BS) for n in lens]
+    nb = sum(need) + 3
+    kc = torch.full((nb + 1, BS, kvh, d), 1e4)                       # [NB + 1, bs, KVH, D]
+    vc = torch.full((nb + 1, BS, kvh, d), 1e4)                       # [NB + 1, bs, KVH, D]
+    order = torch.randperm(nb, generator=g).tolist()
+    width = max(need) + pad_cols
+    table = torch.full((len(lens), width), 10**6, dtype=torch.int32)  # [B, W] padding never read
+    keys, values = [], []
+    for b, n in enumerate(lens):
+        blocks, order = order[:need[b]], order[need[b]:]
+        table[b, :need[b]] = torch.tensor(blocks, dtype=torch.int32)
+        k = torch.randn(n, kvh, d, generator=g)                      # [n, KVH, D]
+        v = torch.randn(n, kvh, d, generator=g)                      # [n, KVH, D]
+        for p in range(n):
+            kc[blocks[p // BS], p % BS] = k[p]
+            vc[blocks[p // BS], p % BS] = v[p]
+        keys.append(k)
+        values.append(v)
+    q = torch.randn(len(lens), h, d, generator=g) * qscale           # [B, H, D]
+    return q, kc, vc, table, torch.tensor(lens, dtype=torch.int32), keys, values
+
+
+def float64_acc(q: torch.Tensor, k: torch.Tensor, sink: int = 4) -> torch.Tensor:
+    """(l, t, sink sum, position sum) in float64 for one row. q [H, D]; k [n, KVH, D] -> [H, 4]."""
+    q, k = q.double(), k.double()
+    h, d = q.shape
+    kk = k.repeat_interleave(h // k.shape[1], dim=1)                 # [n, H, D]
+    s = torch.einsum("hd,nhd->hn", q, kk) / math.sqrt(d)             # [H, n]
+    shifted = s - s.amax(-1, keepdim=True)                           # [H, n]
+    e = torch.exp(shifted)                                           # [H, n]
+    j = torch.arange(k.shape[0], dtype=torch.float64)                # [n]
+    return torch.stack([e.sum(-1), (e * shifted).sum(-1), e[:, :sink].sum(-1), (e * j).sum(-1)], -1)  # [H, 4]
+
+
+def assert_acc_close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-5) -> None:
+    err = (got.double() - want.double()).abs()
+    assert (err <= rel * want.double().abs() + 1e-30).all(), (err / want.double().abs()).max()
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 33, 300])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (9, 3)])
+def test_op_matches_float64_and_the_reference(op, n, heads, kv_heads):
+    d = 64
+    q, kc, vc, table, lens, keys, values = paged([n], heads, kv_heads, d, seed=n * 7 + heads)
+    out, acc = op(q, kc, vc, table, lens, 1 / math.sqrt(d), True, 4)  # [1, H, D], [1, H, 4]
+    ref_out, ref_stats = reference_row(q[0], keys[0], values[0])
+    assert (out[0].double() - ref_out).abs().max() < 1e-5
+    assert_acc_close(acc[0], float64_acc(q[0], keys[0]))
+    assert (finalize_stats(acc, lens)[0].double() - ref_stats).abs().max() < 1e-5
+    t_out, t_acc = attend(q, keys[0][None], values[0][None], lens, 1 / math.sqrt(d), True, 4)
+    assert (out - t_out).abs().max() < 1e-5
+    assert_acc_close(acc, t_acc)
+
+
+@pytest.mark.parametrize("d", [64, 8])  # 8: the portable loops (no 16-wide vectors)
+def test_batch_of_lengths_telemetry_off_and_row_independence(op, d):
+    """Different lengths in one call; output bit-identical with telemetry off; each row alone
+    gives bit for bit what it gives inside the batch."""
+    lens = [1, 15, 16, 17, 33, 130]
+    q, kc, vc, table, seq, keys, values = paged(lens, 9, 3, d, seed=d)
+    scale = 1 / math.sqrt(d)
+    out, acc = op(q, kc, vc, table, seq, scale, True, 4)
+    off, none = op(q, kc, vc, table, seq, scale, False, 4)
+    assert none.numel() == 0 and torch.equal(out, off)
+    stats = finalize_stats(acc, seq)                                  # [B, H, 5]
+    for b, n in enumerate(lens):
+        ref_out, ref_stats = reference_row(q[b], keys[b], values[b])
+        assert (out[b].double() - ref_out).abs().max() < 1e-5
+        assert (stats[b].double() - ref_stats).abs().max() < 1e-5
+        assert_acc_close(acc[b], float64_acc(q[b], keys[b]))
+        o1, a1 = op(q[b:b + 1].contiguous(), kc, vc, table[b:b + 1], seq[b:b + 1], scale, True, 4)
+        assert torch.equal(o1[0], out[b]) and torch.equal(a1[0], acc[b])
+    reordered = list(reversed(range(len(lens))))
+    o2, a2 = op(q[reordered].contiguous(), kc, vc, table[reordered], seq[reordered], scale, True, 4)
+    assert torch.equal(o2, out[reordered]) and torch.equal(a2, acc[reordered])
+
+
+def test_sharp_attention_and_sink_tokens(op):
+    """Large logits (near one-hot rows): statistics within 1e-5; sink_tokens other than 4
+    honoured. Scores of magnitude ~300 carry ~3e-5 relative float32 error into each e_j (the
+    torch reference misses 1e-5 relative on these sums too), hence 1e-4 on the sums and output."""
+    q, kc, vc, table, lens, keys, values = paged([700], 4, 1, 64, seed=11, qscale=50.0)
+    out, acc = op(q, kc, vc, table, lens, 0.125, True, 7)
+    assert_acc_close(acc[0], float64_acc(q[0], keys[0], sink=7), rel=1e-4)
+    ref_out, ref_stats = reference_row(q[0], keys[0], values[0], sink=7)
+    assert (out[0].double() - ref_out).abs().max() < 1e-4
+    assert (finalize_stats(acc, lens)[0].double() - ref_stats).abs().max() < 1e-5
+
+
+def test_bad_inputs_are_refused(op):
+    q, kc, vc, table, lens, _, _ = paged([20], 4, 2, 16, seed=1)
+    with pytest.raises(RuntimeError, match="block_table"):
+        op(q, kc, vc, table.long(), lens, 0.25, False, 4)
+    with pytest.raises(RuntimeError, match="out of range"):
+        op(q, kc, vc, table.clone().fill_(10**6), lens, 0.25, False, 4)
+    with pytest.raises(RuntimeError, match="seq_lens"):
+        op(q, kc, vc, table, torch.tensor([10**4], dtype=torch.int32), 0.25, False, 4)
+
+
+def _mixed_step(stats):
+    """Two decode rows and a prefill chunk over a cached prefix (test_torch_ref's step), as
+    (cache, q, k_new, v_new, metadata)."""
+    from server.config import ModelConfig
+
+    g = torch.Generator().manual_seed(5)
+    h, kvh, d, bs = 9, 3, 64, 4
+    mc = ModelConfig(name="t", architecture="llama", vocab_size=10, hidden_size=h * d, intermediate_size=8,
+                     num_layers=2, num_heads=h, num_kv_heads=kvh, head_dim=d, max_position_embeddings=64)
+    cache = KVCache.allocate(mc, num_blocks=16, block_size=bs)
+    tables, lens, new = [[7, 2, 11], [5, 1], [3, 9, 0, 14]], [10, 6, 15], [1, 1, 9]
+    for t, n, nn in zip(tables, lens, new):
+        idx = torch.tensor([t[p // bs] * bs + p % bs for p in range(n - nn)], dtype=torch.long)
+        cache.write(1, idx, torch.randn(len(idx), kvh, d, generator=g), torch.randn(len(idx), kvh, d, generator=g))
+    q = torch.randn(sum(new), h, d, generator=g)                     # [T, H, D]
+    k_new = torch.randn(sum(new), kvh, d, generator=g)               # [T, KVH, D]
+    v_new = torch.randn(sum(new), kvh, d, generator=g)               # [T, KVH, D]
+    return cache, q, k_new, v_new, _meta(tables, lens, new, bs, stats)
+
+
+@pytest.mark.parametrize("stats", [[0, 1, 2], [1, 2], [0], [2], None], ids=["all", "some", "decode", "prefill", "off"])
+def test_mixed_step_matches_the_torch_backend(op, stats):
+    """Decode rows and a prefill chunk through the same forward: decode rows within 1e-5 of the
+    reference, prefill rows bit for bit (the same code), telemetry rows in the asked order, and
+    the output bit-identical with telemetry off."""
+    cache, q, k_new, v_new, meta = _mixed_step(stats)
+    ref_cache = KVCache(k=[t.clone() for t in cache.k], v=[t.clone() for t in cache.v])
+    cpu = build_backend("cpu", cache, torch.device("cpu"), sink_tokens=4, max_positions=64)
+    ref = build_backend("torch", ref_cache, torch.device("cpu"), sink_tokens=4, max_positions=64)
+    assert cpu.name == "cpu" and ref.name == "torch"
+    out, acc = cpu.forward(1, q, k_new, v_new, cpu.prepare(meta))
+    ref_out, ref_acc = ref.forward(1, q, k_new, v_new, ref.prepare(meta))
+    assert torch.equal(cache.k[1], ref_cache.k[1]) and torch.equal(cache.v[1], ref_cache.v[1])
+    assert (out[:2] - ref_out[:2]).abs().max() < 1e-5
+    assert torch.equal(out[2:], ref_out[2:])
+    if stats is None:
+        assert acc is None and ref_acc is None
+    else:
+        assert acc.shape == ref_acc.shape == (len(stats), 9, 4)
+        assert_acc_close(acc, ref_acc)
+    _, q2, k2, v2, meta_off = _mixed_step(None)
+    again = KVCache(k=[t.clone() for t in ref_cache.k], v=[t.clone() for t in ref_cache.v])
+    off = build_backend("cpu", again, torch.device("cpu"), sink_tokens=4, max_positions=64)
+    out_off, none = off.forward(1, q2, k2, v2, off.prepare(meta_off))
+    assert none is None and torch.equal(out_off, out)
+
+
+def test_auto_prefers_cpu_on_a_cpu_device(op):
+    cache, *_ = _mixed_step(None)
+    assert build_backend("auto", cache, torch.device("cpu"), sink_tokens=4, max_positions=64).name == "cpu"
+    assert not cpu_paged.CpuPagedBackend.supports(torch.device("meta"))
+
+
+def test_without_a_compiler_auto_warns_once_and_cpu_fails_clearly(monkeypatch, caplog):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    unbuilt = functools.cache(cpu_extension.load_paged_decode.__wrapped__)
+    monkeypatch.setattr(cpu_paged, "load_paged_decode", unbuilt)
+    cache, *_ = _mixed_step(None)
+    with caplog.at_level(logging.WARNING, logger=cpu_extension.__name__):
+        for _ in range(2):
+            assert build_backend("auto", cache, torch.device("cpu"), sink_tokens=4, max_positions=64).name == "torch"
+        with pytest.raises(ValueError, match="attention backend 'cpu' does not run on cpu"):
+            build_backend("cpu", cache, torch.device("cpu"), sink_tokens=4, max_positions=64)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "no C++ compiler ('/nonexistent/c++' not found" in warnings[0] and "--attention-backend cpu cannot run" in warnings[0]
+    assert unbuilt().op is None and "no C++ compiler" in unbuilt().reason
+
+
+def test_engine_generates_the_same_tokens_and_telemetry_as_torch(op, tiny_llama_dir):
+    """Greedy tokens identical, per-request telemetry within 1e-5, over a continuous batch with
+    chunked prefill (steps that mix decode rows and prefill chunks)."""
+    from server.config import CacheConfig, EngineConfig, SchedulerConfig
+    from server.engine.engine import Engine
+    from server.engine.request import SamplingParams
+
+    prompts = ["The capital of France is", "Hello world! 1 2 3 4 5 6 7 8 9 10. A quick brown fox jumps over",
+               "Attention heads look back", "A"]
+
+    def run(backend: str):
+        engine = Engine(EngineConfig(model=tiny_llama_dir, cache=CacheConfig(num_blocks=64), attention_backend=backend,
+                                     scheduler=SchedulerConfig(max_model_len=256, max_num_batched_tokens=16)))
+        assert engine.runner.attention.name == backend
+        params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, head_telemetry=True)
+        return engine.generate(prompts, params), engine.head_stats_snapshot()
+
+    cpu, cpu_snap = run("cpu")
+    ref, ref_snap = run("torch")
+    for a, b in zip(cpu, ref):
+        assert a.token_ids == b.token_ids
+        assert a.head_telemetry.rows == b.head_telemetry.rows == 40
+        for name in ("entropy", "normalized_entropy", "max_weight", "sink_mass", "lookback_distance"):
+            got, want = torch.tensor(getattr(a.head_telemetry, name)), torch.tensor(getattr(b.head_telemetry, name))
+            assert (got - want).abs().max() < 1e-5, name
+    assert torch.equal(cpu_snap.counts, ref_snap.counts)
+    assert (cpu_snap.means() - ref_snap.means()).abs().max() < 1e-5
