@@ -80,7 +80,7 @@ class LayerTelemetry:
 
     @property
     def active(self) -> bool:
-        return self.disabled is None and self.settings.sample_rate > 0
+        return self.disabled is None and self.sampler.rate > 0
 
     def record(self, layer_name: str, isa: str | None, query: torch.Tensor, kv_cache: torch.Tensor,
                query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor) -> None:

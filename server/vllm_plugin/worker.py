@@ -12,33 +12,51 @@ process turns into headwise_telemetry_up 0.
 
 from __future__ import annotations
 
+from server.vllm_plugin.layer import LayerTelemetry
+from server.vllm_plugin.paged import StepSampler
 from server.vllm_plugin.snapshot import LayerReport, RankReport
 from server.vllm_plugin.settings import PluginSettings
 
 SNAPSHOT_METHOD = "headwise_snapshot"
+SET_RATE_METHOD = "headwise_set_sample_rate"
 
 
 class HeadwiseWorkerExtension:
     """Mixed into vLLM's worker class by vLLM itself (ParallelConfig.worker_extension_cls)."""
 
+    def headwise_set_sample_rate(self, rate: float) -> int:
+        """Change the fraction of steps that compute telemetry from now on (a check or a benchmark
+        sets 1.0; 0 stops the computation). Returns the number of layers changed."""
+        rate = StepSampler(float(rate)).rate                            # validates 0..1
+        layers = self._headwise_layers().values()
+        for state in layers:                                            # all restart at step 0: still in step
+            state.sampler = StepSampler(rate)
+        return len(layers)
+
     def headwise_snapshot(self) -> dict:
         from vllm.distributed import get_tensor_model_parallel_rank
-        from vllm.model_executor.layers.attention import Attention
         from vllm.model_executor.models.utils import extract_layer_index
 
         rank = get_tensor_model_parallel_rank()
-        layers: list[LayerReport] = []
         stock: list[str] = []
-        settings = PluginSettings.from_env()
+        found = self._headwise_layers(stock)
+        layers = [LayerReport.from_stats(extract_layer_index(name), rank * state.spec.num_heads, state.snapshot(),
+                                         state.disabled) for name, state in found.items()]
+        rate = next(iter(found.values())).sampler.rate if found else 0.0
+        return RankReport(rank=rank, buckets=PluginSettings.from_env().buckets, sample_rate=rate,
+                          layers=tuple(sorted(layers, key=lambda r: r.layer)), stock_layers=tuple(stock)).to_wire()
+
+    def _headwise_layers(self, stock: list[str] | None = None) -> dict[str, LayerTelemetry]:
+        """Attention layer name -> its LayerTelemetry; names of layers without one go to stock."""
+        from vllm.model_executor.layers.attention import Attention
+
+        found: dict[str, LayerTelemetry] = {}
         for name, module in self.vllm_config.compilation_config.static_forward_context.items():
             if not isinstance(module, Attention):
                 continue
             state = getattr(getattr(module, "impl", None), "headwise", None)
-            if state is None:
+            if isinstance(state, LayerTelemetry):
+                found[name] = state
+            elif stock is not None:
                 stock.append(name)
-                continue
-            h = state.spec.num_heads
-            layers.append(LayerReport.from_stats(extract_layer_index(name), rank * h, state.snapshot(),
-                                                 state.disabled))
-        return RankReport(rank=rank, buckets=settings.buckets, sample_rate=settings.sample_rate,
-                          layers=tuple(sorted(layers, key=lambda r: r.layer)), stock_layers=tuple(stock)).to_wire()
+        return found
