@@ -3,7 +3,7 @@
 torch.utils.cpp_extension.load compiles it with the system C++ compiler and ninja into torch's
 extensions directory (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), once per source,
 flags and CPU: -march=native code only runs on the CPU kind it was built for, so the library's
-name carries a fingerprint of the CPU's flags. Later loads find it built (scripts/setup.sh builds
+name carries fingerprints of the CPU and of the source. Later loads find it built (scripts/setup.sh builds
 it at set-up). The op registers itself as torch.ops.headwise.paged_decode.
 
     python -c "from server.engine.attention.cpu_extension import main; main()"   # build now (set-up)
@@ -40,15 +40,18 @@ class Extension:
     reason: str | None    # set when op is None
 
 
-def _cpu_fingerprint() -> str:
-    """8 hex digits of the CPU's model and flags (so a cache shared across machines never runs
-    code built for another CPU)."""
+def _library_name() -> str:
+    """headwise_paged_decode_<cpu>_<source>: 8 hex digits of the CPU's model and flags (a cache
+    shared across machines never runs code built for another CPU) and 8 of the source and flags
+    (two checkouts with different sources each keep their own build instead of rebuilding in turn)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         lines = []
-    keep = sorted({ln for ln in lines if ln.startswith(("flags", "model name", "vendor_id"))})
-    return hashlib.sha256("\n".join(keep).encode()).hexdigest()[:8]
+    cpu = "\n".join(sorted({ln for ln in lines if ln.startswith(("flags", "model name", "vendor_id"))}))
+    src = SOURCE.read_bytes() + " ".join(CFLAGS).encode()
+    return (f"headwise_paged_decode_{hashlib.sha256(cpu.encode()).hexdigest()[:8]}"
+            f"_{hashlib.sha256(src).hexdigest()[:8]}")
 
 
 def _missing_tool() -> str | None:
@@ -75,7 +78,7 @@ def load_paged_decode() -> Extension:
             import torch
             from torch.utils.cpp_extension import load
 
-            load(name=f"headwise_paged_decode_{_cpu_fingerprint()}", sources=[str(SOURCE)],
+            load(name=_library_name(), sources=[str(SOURCE)],
                  extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
             return Extension(torch.ops.headwise.paged_decode, None)
         except Exception as exc:  # a compiler error, a linker error, an unwritable cache dir

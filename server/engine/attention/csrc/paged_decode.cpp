@@ -344,8 +344,10 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(const at::Tensor& q, const at::T
   const Shapes sh{H, KVH, H / KVH, D, bs, NB, block_table.size(1), block_table.stride(0), KVH * D};
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int32_t* table = block_table.data_ptr<int32_t>();
+  int64_t total_keys = 0;
   for (int64_t b = 0; b < B; ++b) {  // every index the kernel will follow, checked before it runs
     const int64_t n = lens[b];
+    total_keys += n;
     TORCH_CHECK(n >= 1 && n <= sh.W * bs, "paged_decode: seq_lens[", b, "] = ", n,
                 " outside 1 .. block_table width * block_size");
     for (int64_t w = 0; w < (n + bs - 1) / bs; ++w) {
@@ -361,7 +363,10 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(const at::Tensor& q, const at::T
   float* op = out.data_ptr<float>();
   float* ap = compute_stats ? acc.data_ptr<float>() : nullptr;
   const float sc = static_cast<float>(scale);
-  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+  // Below ~2k (key, KV head) pairs the work (~30 us) is not worth waking another thread: a
+  // fork-join costs microseconds on an idle machine and a scheduler time slice on a busy one.
+  const int64_t grain = total_keys * KVH < 2048 ? B * KVH : 1;
+  at::parallel_for(0, B * KVH, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / KVH, g = i % KVH;

@@ -1,0 +1,118 @@
+"""Decode attention, the torch reference against the CPU fast path, in alternating steps.
+
+    nice -n 10 .venv/bin/python -m benchmarks.bench_decode_attention [--contexts 100,1000] [--batches 1]
+        [--steps 30] [--threads N] [--json out.json]
+
+Default model, one engine per attention backend over the same loaded weights (telemetry on, every
+step). For each batch size and context length, every engine prefills `batch` prompts of that many
+tokens, then decode steps alternate torch, cpu, torch, cpu ... so both backends share the
+machine's drift. Reported per backend, medians over the measured steps:
+  - step_ms: the whole engine step (schedule, run, sample, update, detokenize);
+  - attention_ms: the attention backend's forward summed over the 30 layers (write the new K/V,
+    attend, telemetry accumulators), i.e. what the backend choice changes;
+  - prepare_ms: the backend's per-step prepare (its indices from the metadata).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import time
+
+
+def log(msg: str) -> None:
+    print(f"[bench_decode_attention] {msg}", file=sys.stderr, flush=True)
+
+
+def _timed(record: list[float], fn):
+    """fn, appending each call's duration (s) to record."""
+    @functools.wraps(fn)
+    def inner(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            record.append(time.perf_counter() - t0)
+    return inner
+
+
+def measure(contexts: list[int], batches: list[int], steps: int, backends: tuple[str, ...],
+            threads: int | None) -> dict:
+    from server.config import CacheConfig, EngineConfig
+    from server.engine.engine import Engine
+    from server.engine.loader import load_model
+    from server.engine.request import SamplingParams
+
+    loaded = load_model(None)
+    engines, attn, prep = {}, {}, {}
+    for name in backends:
+        engine = Engine(EngineConfig(cache=CacheConfig(memory_bytes=1 << 30), attention_backend=name,
+                                     num_threads=threads), loaded=loaded)
+        backend = engine.runner.attention
+        assert backend.name == name, (backend.name, name)
+        attn[name], prep[name] = [], []
+        backend.forward = _timed(attn[name], backend.forward)
+        backend.prepare = _timed(prep[name], backend.prepare)
+        engine.generate([engine.tokenize("warm up")], SamplingParams(max_tokens=4, temperature=0))
+        engines[name] = engine
+    text = " ".join(f"Sentence {i} of a long document about attention heads and their statistics." for i in range(400))
+    rows = []
+    for batch in batches:
+        for n in contexts:
+            params = SamplingParams(max_tokens=steps + 4, temperature=0, ignore_eos=True)
+            for i, engine in enumerate(engines.values()):
+                ids = engine.tokenize(text)
+                for b in range(batch):
+                    engine.add_request(ids[b * 7:b * 7 + n], params)
+                while any(r.num_computed_tokens < r.num_prompt_tokens
+                          for r in engine.scheduler.running + list(engine.scheduler.waiting)):
+                    engine.step()                                            # prefill
+                engine.step()                                                # first decode step, not measured
+            wall = {name: [] for name in engines}
+            per_attn = {name: [] for name in engines}
+            per_prep = {name: [] for name in engines}
+            for _ in range(steps):
+                for name, engine in engines.items():
+                    attn[name].clear()
+                    prep[name].clear()
+                    t0 = time.perf_counter()
+                    engine.step()
+                    wall[name].append(time.perf_counter() - t0)
+                    per_attn[name].append(sum(attn[name]))
+                    per_prep[name].append(sum(prep[name]))
+            for engine in engines.values():
+                while engine.has_unfinished():
+                    engine.step()
+            row = {"batch": batch, "context": n}
+            for name in engines:
+                row[name] = {"step_ms": round(statistics.median(wall[name]) * 1e3, 3),
+                             "attention_ms": round(statistics.median(per_attn[name]) * 1e3, 3),
+                             "prepare_ms": round(statistics.median(per_prep[name]) * 1e3, 3)}
+            log(str(row))
+            rows.append(row)
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "steps": steps, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", default="100,1000", help="prompt lengths in tokens (default 100,1000)")
+    ap.add_argument("--batches", default="1", help="sequences decoding together (default 1)")
+    ap.add_argument("--steps", type=int, default=30, help="decode steps measured per backend (default 30)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the engine's default)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+    import torch
+
+    res = measure([int(c) for c in args.contexts.split(",")], [int(b) for b in args.batches.split(",")],
+                  args.steps, ("torch", "cpu"), args.threads)
+    res["threads"] = torch.get_num_threads()
+    from benchmarks.report import emit
+
+    emit(res, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
