@@ -53,6 +53,8 @@ class CpuPagedBackend:
         self.cache = cache
         self.sink_tokens = sink_tokens
         k0 = cache.k[0]                                                    # [num_blocks + 1, bs, KVH, D]
+        if k0.dtype != torch.float32 or k0.device.type != "cpu":
+            raise ValueError(f"the cpu attention backend needs a float32 KV cache on the CPU, not {k0.dtype} on {k0.device}")
         self.scale = 1.0 / math.sqrt(k0.shape[-1])
         n = max_positions or cache.num_blocks * cache.block_size
         self.key_weights = key_weights(n, sink_tokens, k0.device, k0.dtype)  # [P, 2] (prefill rows)
@@ -85,16 +87,13 @@ class CpuPagedBackend:
         cache.write(layer, plan.slot_mapping, k, v)
         bd = plan.num_decodes
         parts: list[torch.Tensor] = []
+        acc = None
         if not plan.prefills:   # decodes only: the op's output is the step's output
-            out, acc = self.op(q.contiguous(), cache.k[layer], cache.v[layer], plan.decode_table, plan.decode_lens,
-                               self.scale, plan.decode_want_stats, self.sink_tokens)  # [Bd, H, D], [Bd, H, 4]
+            out, acc = self._decode(layer, q, plan)                      # [Bd, H, D], [Bd, H, 4]
         else:
             out = torch.empty_like(q)                                    # [T, H, D]
-            acc = None
             if bd:
-                o, acc = self.op(q[:bd].contiguous(), cache.k[layer], cache.v[layer], plan.decode_table,
-                                 plan.decode_lens, self.scale, plan.decode_want_stats, self.sink_tokens)
-                out[:bd] = o                                             # [Bd, H, D]
+                out[:bd], acc = self._decode(layer, q[:bd], plan)        # [Bd, H, D], [Bd, H, 4]
         if bd and plan.decode_want_stats:
             parts.append(acc if plan.decode_stats is None else acc[plan.decode_stats])  # [Rd, H, 4]
         for span in plan.prefills:
@@ -104,3 +103,9 @@ class CpuPagedBackend:
         if not parts:
             return out, None
         return out, parts[0] if len(parts) == 1 else torch.cat(parts)   # [R, H, 4]
+
+    def _decode(self, layer: int, q: torch.Tensor, plan: CpuPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """The op over the decode rows: q [Bd, H, D] float32 -> out [Bd, H, D], accumulators
+        [Bd, H, 4] (empty when no decode row wants telemetry)."""
+        return self.op(q.contiguous(), self.cache.k[layer], self.cache.v[layer], plan.decode_table,
+                       plan.decode_lens, self.scale, plan.decode_want_stats, self.sink_tokens)

@@ -184,6 +184,9 @@ def test_auto_prefers_cpu_on_a_cpu_device(op):
     cache, *_ = _mixed_step(None)
     assert build_backend("auto", cache, torch.device("cpu"), sink_tokens=4, max_positions=64).name == "cpu"
     assert not cpu_paged.CpuPagedBackend.supports(torch.device("meta"))
+    half = KVCache(k=[t.bfloat16() for t in cache.k], v=[t.bfloat16() for t in cache.v])
+    with pytest.raises(ValueError, match="needs a float32 KV cache on the CPU, not torch.bfloat16"):
+        cpu_paged.CpuPagedBackend(half, 4, 64)
 
 
 def test_without_a_compiler_auto_warns_once_and_cpu_fails_clearly(monkeypatch, caplog):
