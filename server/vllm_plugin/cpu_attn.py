@@ -42,8 +42,7 @@ class HeadwiseCPUAttentionImpl(CPUAttentionBackendImpl):
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                               output_block_scale)                      # [T, H * D] the stock kernel's
         if attn_metadata is not None and (self.headwise.active or self.headwise.disabled is not None):
-            self.headwise.record(layer.layer_name, getattr(layer, "isa", None), query, kv_cache,
-                                 attn_metadata.query_start_loc, attn_metadata.seq_lens, attn_metadata.block_table)
+            self.headwise.record(layer.layer_name, getattr(layer, "isa", None), query, kv_cache, attn_metadata)
         return out
 
 

@@ -43,11 +43,13 @@ class HeadwiseEndpoint:
             return await call_next(request)
 
         @app.get("/v1/telemetry")
-        async def headwise_telemetry() -> JSONResponse:
+        async def headwise_telemetry(window: str = "all") -> JSONResponse:
+            if window != "all":
+                return _error(400, f"window must be 'all' on vLLM (means since start), got {window[:20]!r}",
+                              "invalid_request_error", "window")
             if self.source is None:
-                return JSONResponse({"error": {"message": "headwise telemetry is not initialised", "type": "server_error",
-                                               "param": None, "code": None}}, status_code=503)
-            return JSONResponse(telemetry_json(self.source))
+                return _error(503, "headwise telemetry is not initialised", "server_error", None)
+            return JSONResponse(telemetry_json(self.source), headers={"cache-control": "no-store"})
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
         if engine_client is None:
@@ -72,14 +74,26 @@ class HeadwiseEndpoint:
         await self.source.refresh()
 
 
+def _error(status: int, message: str, kind: str, param: str | None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
+                        status_code=status)
+
+
 def telemetry_json(source: TelemetrySource) -> dict:
-    """Means per (layer, head) of every statistic since start, with the plugin's health."""
+    """The per-head part of headwise serve's GET /v1/telemetry (docs/telemetry-api.md) for the
+    window "all" (means since the server started; null where a head has no rows), plus the
+    plugin's health. Latency, load and recent requests are vLLM's own metrics' business."""
     latest = source.latest
     hs = latest.head_stats
     means = hs.means()                                                 # [L, H, NUM_STATS]
+    empty = hs.counts == 0                                             # [L, H]
     m = source.model
-    return {"server": "vllm+headwise", "model": m.name, "up": latest.up, "problem": latest.problem,
-            "layers": m.num_layers, "heads": m.num_heads, "kv_heads": m.num_kv_heads, "rows": hs.rows,
-            "disabled_layers": {str(k): v for k, v in sorted(latest.disabled.items())},
-            "counts": hs.counts.tolist(),
-            "means": {name: means[..., i].tolist() for i, name in enumerate(STAT_NAMES)}}
+    heads = {"rows": hs.rows, "counts": hs.counts.tolist()}
+    for i, name in enumerate(STAT_NAMES):
+        heads[name] = [[None if e else v for v, e in zip(vals, flags)]
+                       for vals, flags in zip(means[..., i].tolist(), empty.tolist())]
+    return {"object": "telemetry", "server": "vllm",
+            "model": {"id": m.name, "layers": m.num_layers, "heads": m.num_heads, "kv_heads": m.num_kv_heads},
+            "window": "all", "window_seconds": None, "heads": heads,
+            "plugin": {"up": latest.up, "problem": latest.problem,
+                       "disabled_layers": {str(k): v for k, v in sorted(latest.disabled.items())}}}

@@ -16,14 +16,17 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.telemetry import HeadStats, HeadStatsAccumulator, finalize_stats, key_weights
-from server.vllm_plugin.paged import StepSampler, gather_keys_t, row_accumulators, telemetry_rows, vec_key_blocks
+from server.engine.telemetry import HeadStats, HeadStatsAccumulator, finalize_stats
+from server.vllm_plugin.paged import (StepSampler, row_accumulators, shared_step_rows, telemetry_queries,
+                                      vec_key_blocks, weight_table)
 from server.vllm_plugin.settings import PluginSettings
 
 logger = logging.getLogger(__name__)
 
 # The one K-cache packing the plugin reads (vLLM CPU_ATTN's ISA name).
 SUPPORTED_ISA = "vec"
+# Sampled steps whose accumulators wait before finalize_stats and the accumulator run on all at once.
+FLUSH_EVERY = 32
 
 
 @dataclass(frozen=True)
@@ -76,19 +79,22 @@ class LayerTelemetry:
         self.accumulator = HeadStatsAccumulator(1, spec.num_heads, settings.buckets)
         self.disabled: str | None = features.unsupported_reason()
         self._announced = False
-        self._weights = key_weights(0, settings.sink_tokens)           # [0, 2], grown on demand
+        self._weights = weight_table(0, settings.sink_tokens)         # [0, 3], grown on demand
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []    # (acc [R, H, 4], lens [R]) per sampled step
 
     @property
     def active(self) -> bool:
         return self.disabled is None and self.sampler.rate > 0
 
     def record(self, layer_name: str, isa: str | None, query: torch.Tensor, kv_cache: torch.Tensor,
-               query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor) -> None:
-        """Add this step's telemetry rows when the step is sampled.
+               meta: object) -> None:
+        """Compute this step's accumulators when the step is sampled.
 
         query [T, H, D] (the layer's q, T >= the step's tokens); kv_cache [NB, KVH, BS, 2 D] the
-        layer's paged cache, already holding this step's keys; query_start_loc [B + 1];
-        seq_lens [B] keys of each sequence's last row; block_table [B, max_blocks].
+        layer's paged cache, already holding this step's keys; meta: the step's attention
+        metadata (query_start_loc [B + 1], seq_lens [B], block_table [B, max_blocks]).
+        The accumulators wait in a short list; finalize_stats and the running sums take them
+        FLUSH_EVERY sampled steps at a time (and before every snapshot).
         """
         if self.disabled is not None:
             self._announce(layer_name)
@@ -100,11 +106,20 @@ class LayerTelemetry:
             if reason is not None:
                 self.disable(layer_name, reason)
                 return
-            stats = self._stats(query, kv_cache, query_start_loc, seq_lens, block_table)  # [R, H, 5]
-            if stats is not None:
-                self.accumulator.add(stats[None])                      # [1, R, H, 5]
+            step = shared_step_rows(meta, kv_cache.shape[2])
+            if step is None:
+                return
+            if self._weights.shape[0] < step.num_keys:
+                self._weights = weight_table(max(step.num_keys, 2 * self._weights.shape[0], 256),
+                                             self.settings.sink_tokens)  # [P, 3]
+            acc = row_accumulators(telemetry_queries(query, step), vec_key_blocks(kv_cache), step,
+                                   self.spec.scale, self._weights)      # [R, H, 4]
+            self._pending.append((acc, step.lens))
+            if len(self._pending) >= FLUSH_EVERY:
+                self._flush()
         except Exception as exc:  # telemetry must never take vLLM down: turn it off, loudly
             logger.exception("headwise: telemetry failed in %s; it stays off for this layer", layer_name)
+            self._pending.clear()
             self.disable(layer_name, f"error_{type(exc).__name__}")
 
     def disable(self, layer_name: str, reason: str) -> None:
@@ -112,7 +127,16 @@ class LayerTelemetry:
         self._announce(layer_name)
 
     def snapshot(self) -> HeadStats:
+        self._flush()
         return self.accumulator.snapshot()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        acc = torch.cat([a for a, _ in self._pending])                 # [R, H, 4]
+        lens = torch.cat([n for _, n in self._pending])                # [R]
+        self._pending.clear()
+        self.accumulator.add(finalize_stats(acc, lens)[None])          # [1, R, H, 5]
 
     def _announce(self, layer_name: str) -> None:
         if not self._announced:
@@ -129,16 +153,3 @@ class LayerTelemetry:
         if query.dim() != 3 or query.shape[1] != s.num_heads or query.shape[2] != s.head_dim:
             return "query_shape"
         return None
-
-    def _stats(self, query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
-               seq_lens: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor | None:
-        rows, seqs = telemetry_rows(query_start_loc, seq_lens)        # [R], [R]
-        if rows.numel() == 0:
-            return None
-        lens = seq_lens.to(torch.long)[seqs]                          # [R]
-        n = int(lens.max())
-        if self._weights.shape[0] < n:
-            self._weights = key_weights(max(n, 2 * self._weights.shape[0], 256), self.settings.sink_tokens)  # [P, 2]
-        keys_t = gather_keys_t(vec_key_blocks(kv_cache), block_table[seqs], n)  # [R, KVH, D, N]
-        acc = row_accumulators(query.index_select(0, rows), keys_t, lens, self.spec.scale, self._weights)  # [R, H, 4]
-        return finalize_stats(acc, lens)                              # [R, H, 5]

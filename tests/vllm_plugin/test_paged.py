@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from server.engine.telemetry import finalize_stats, key_weights
-from server.vllm_plugin.paged import StepSampler, gather_keys_t, row_accumulators, telemetry_rows, vec_key_blocks
+from server.engine.telemetry import finalize_stats
+from server.vllm_plugin.paged import (StepSampler, row_accumulators, shared_step_rows, step_rows, telemetry_queries,
+                                      vec_key_blocks, weight_table)
 
 BS, KVH, H, D = 32, 3, 9, 64
 
@@ -51,16 +52,15 @@ def reference(q: torch.Tensor, k: torch.Tensor, sink: int = 4) -> torch.Tensor:
     return torch.stack([ent, norm, p.amax(-1), p[:, :sink].sum(-1), look], dim=-1)
 
 
-@pytest.mark.parametrize("lens", [[1, 2, 31, 32, 33, 100], [257], [5, 64, 64, 97]])
+@pytest.mark.parametrize("lens", [[1, 2, 31, 32, 33, 100], [257], [5, 64, 64, 97], [40, 40]])
 def test_accumulators_match_float64_softmax(lens):
     g = torch.Generator().manual_seed(len(lens))
     keys = [torch.randn(n, KVH, D, generator=g) * 2 for n in lens]
     q = torch.randn(len(lens), H, D, generator=g) * 2                    # [R, H, D]
     cache, table = paged_cache(keys, num_blocks=64)
     ctx = torch.tensor(lens)
-    n = max(lens)
-    keys_t = gather_keys_t(vec_key_blocks(cache), table, n)               # [R, KVH, D, N]
-    acc = row_accumulators(q, keys_t, ctx, 1 / math.sqrt(D), key_weights(n + 7, 4))
+    step = step_rows(torch.arange(len(lens) + 1), ctx, table, BS)         # one decode row per sequence
+    acc = row_accumulators(q, vec_key_blocks(cache), step, 1 / math.sqrt(D), weight_table(max(lens) + 7, 4))
     got = finalize_stats(acc, ctx).double()                               # [R, H, 5]
     want = torch.stack([reference(q[b], keys[b]) for b in range(len(lens))])
     assert torch.allclose(got, want, atol=2e-5, rtol=1e-5), (got - want).abs().amax()
@@ -71,9 +71,9 @@ def test_bfloat16_cache_is_read_in_float32():
     keys = [torch.randn(40, KVH, D, generator=g)]
     cache, table = paged_cache(keys, num_blocks=8)
     q = torch.randn(1, H, D, generator=g)
-    kt = gather_keys_t(vec_key_blocks(cache.bfloat16()), table, 40)
-    assert kt.dtype == torch.float32
-    acc = row_accumulators(q.bfloat16(), kt, torch.tensor([40]), 1 / math.sqrt(D), key_weights(40, 4))
+    step = step_rows(torch.tensor([0, 1]), torch.tensor([40]), table, BS)
+    acc = row_accumulators(q.bfloat16(), vec_key_blocks(cache.bfloat16()), step, 1 / math.sqrt(D), weight_table(40, 4))
+    assert acc.dtype == torch.float32
     want = reference(q.bfloat16()[0], keys[0].bfloat16())[None]
     assert torch.allclose(finalize_stats(acc, torch.tensor([40])).double(), want, atol=1e-4)
 
@@ -86,11 +86,33 @@ def test_vec_key_blocks_is_a_view_of_the_key_half():
     assert kb[1, 2, 3, 5] == cache.view(2, KVH, -1)[1, 2, 3 * BS + 5]
 
 
-def test_telemetry_rows_take_each_sequences_last_row_and_skip_padding():
+def test_step_rows_take_each_sequences_last_row_and_skip_padding():
     qsl = torch.tensor([0, 1, 2, 7, 7, 10], dtype=torch.int32)            # decode, decode, prefill 5, empty, prefill 3
-    seq = torch.tensor([9, 4, 5, 0, 12], dtype=torch.int32)
-    rows, seqs = telemetry_rows(qsl, seq)
-    assert rows.tolist() == [0, 1, 6, 9] and seqs.tolist() == [0, 1, 2, 4]
+    seq = torch.tensor([9, 4, 5, 0, 40], dtype=torch.int32)
+    table = torch.arange(5 * 4, dtype=torch.int32).view(5, 4)
+    step = step_rows(qsl, seq, table, BS)
+    assert step.rows.tolist() == [0, 1, 6, 9] and step.lens.tolist() == [9, 4, 5, 40]
+    assert step.num_keys == 40 and step.width == 2
+    assert step.block_ids.tolist() == [0, 1, 4, 5, 8, 9, 16, 17]
+    assert step.masked.shape == (4, 1, 1, 40) and step.masked[1, 0, 0].tolist() == [False] * 4 + [True] * 36
+    assert not step.first_rows
+    decodes = step_rows(torch.arange(4), torch.tensor([7, 7, 7]), table[:3], BS)   # decode-only, equal lengths
+    assert decodes.first_rows and decodes.masked is None and decodes.rows.tolist() == [0, 1, 2]
+    q = torch.randn(5, H, D)
+    assert telemetry_queries(q, decodes).data_ptr() == q.data_ptr()                 # a view, no gather
+    assert torch.equal(telemetry_queries(q[:4].repeat(3, 1, 1), step), q[:4].repeat(3, 1, 1)[[0, 1, 6, 9]])
+    assert step_rows(torch.tensor([0, 0]), torch.tensor([0]), table[:1], BS) is None
+
+
+def test_step_rows_are_built_once_per_metadata_object():
+    class Meta:
+        query_start_loc = torch.tensor([0, 1])
+        seq_lens = torch.tensor([3])
+        block_table = torch.zeros(1, 2, dtype=torch.int32)
+
+    a, b = Meta(), Meta()
+    assert shared_step_rows(a, BS) is shared_step_rows(a, BS)
+    assert shared_step_rows(b, BS) is not shared_step_rows(a, BS)
 
 
 @pytest.mark.parametrize("rate, steps, taken", [(1.0, 50, 50), (0.0, 50, 0), (0.25, 100, 25), (0.1, 1000, 100),

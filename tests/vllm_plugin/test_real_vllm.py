@@ -237,7 +237,9 @@ def test_openai_server_exports_every_head_on_vllms_metrics(model_dir, tmp_path):
         rows = fams["headwise_telemetry_rows"].samples[0]
         assert rows.value == generated and rows.labels["model"] == model
         tele = httpx.get(srv.url + "/v1/telemetry", timeout=60).json()
-        assert tele["up"] and tele["rows"] == generated and len(tele["means"]["entropy"]) == 30
+        assert tele["plugin"]["up"] and tele["heads"]["rows"] == generated and len(tele["heads"]["entropy"]) == 30
+        assert tele["model"] == {"id": model, "layers": 30, "heads": 9, "kv_heads": 3}
+        assert httpx.get(srv.url + "/v1/telemetry?window=5m", timeout=60).status_code == 400
         if prom is not None:
             prom.wait_for_scrapes(2)
             res = prom.query('count(headwise_head_entropy_nats_count{job="headwise"})')

@@ -136,3 +136,27 @@ def test_a_failed_fetch_keeps_the_last_values_and_reads_down(caplog):
     assert int(merged.head_stats.counts[0, 0]) == 3
     _, families = scrape(source)
     assert families["headwise_telemetry_up"].samples[0].value == 0.0
+
+
+def test_telemetry_json_has_headwise_serves_heads_shape():
+    from server.vllm_plugin.endpoint import telemetry_json
+
+    acc = full_accumulator(rows=4)
+    wires = rank_reports(acc, 3)
+    for layer in wires[1]["layers"][:2]:                                   # rank 1's heads of layers 0, 1 saw no row
+        layer["counts"] = [0, 0, 0]
+        layer["sums"] = [[0.0] * 5] * 3
+        layer["disabled"] = "alibi"
+
+    async def fetch():
+        return wires
+
+    source = TelemetrySource(MODEL, BUCKETS, fetch)
+    asyncio.run(source.refresh())
+    body = telemetry_json(source)
+    assert body["model"] == {"id": "m", "layers": 30, "heads": 9, "kv_heads": 3} and body["window"] == "all"
+    heads = body["heads"]
+    assert heads["rows"] == 4 and len(heads["counts"]) == 30 and heads["counts"][0][3] == 0
+    assert heads["entropy"][0][3] is None and heads["entropy"][0][0] == pytest.approx(
+        float(acc.snapshot().means()[0, 0, 0]))
+    assert body["plugin"] == {"up": True, "problem": None, "disabled_layers": {"0": "alibi", "1": "alibi"}}
