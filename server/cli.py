@@ -9,7 +9,7 @@ import sys
 import time
 
 from server import __version__
-from server.config import CacheConfig, EngineConfig, SchedulerConfig, TelemetryConfig
+from server.config import WEIGHT_FORMATS, CacheConfig, EngineConfig, SchedulerConfig, TelemetryConfig
 from server.engine.errors import HeadwiseError, ModelNotFoundError
 
 
@@ -35,6 +35,11 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default="auto", metavar="NAME",
                    help="attention implementation: auto (the best available on the device, the default) or a "
                         "backend's name, e.g. torch (the reference)")
+    p.add_argument("--weight-format", default="auto", choices=WEIGHT_FORMATS,
+                   help="projection weights: auto (per tensor, the closest fast format to the file's own: GGUF "
+                        "Q4_0/Q4_1 -> int4, Q8_0 -> int8, float16/bfloat16 -> bf16, else fp32; the default), fp32 "
+                        "(the exactness reference), bf16, int8 (per-row scales) or int4 (needs Q4_0/Q4_1 blocks); "
+                        "int8 and int4 run on CPUs")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
 
 
@@ -57,6 +62,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     (check_attention_backend, which needs torch)."""
     return EngineConfig(
         model=args.model, device=args.device, num_threads=args.threads, attention_backend=args.attention_backend,
+        weight_format=args.weight_format,
         cache=CacheConfig(block_size=args.block_size, memory_bytes=int(args.kv_cache_memory * 2**30),
                           enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

@@ -138,6 +138,9 @@ class TelemetryConfig:
                  "histogram buckets must be strictly increasing")
 
 
+WEIGHT_FORMATS = ("auto", "fp32", "bf16", "int8", "int4")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs. model None means the default model (SmolLM2-135M-Instruct)."""
@@ -150,11 +153,14 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None
     attention_backend: str = "auto"  # "auto" = the best available on device; a name forces one
+    weight_format: str = "auto"      # one of WEIGHT_FORMATS; auto = per tensor, the file's own (weights.py)
 
     def __post_init__(self) -> None:
         _require(self.device == "cpu" or self.device.startswith("cuda"),
                  f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         _require(bool(self.attention_backend), "attention_backend must not be empty")
+        _require(self.weight_format in WEIGHT_FORMATS,
+                 f"weight_format must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weight_format!r}")
         _require(self.num_threads is None or self.num_threads > 0, "num_threads must be > 0")
 
 

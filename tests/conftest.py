@@ -77,6 +77,48 @@ def tiny_qwen2_dir(tmp_path_factory):
     return str(_save_tiny(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", tie=True, seed=3))
 
 
+def quantize_folder(src: str, dst: str) -> str:
+    """A copy of the Hugging Face folder src whose projections are GGUF Q4_1 blocks and whose token
+    embedding is Q8_0 (as in the default model), written as the GGUF cache writes them: the
+    float32 weights hold the dequantized values, quantized.blocks the blocks."""
+    import json
+    import shutil
+
+    import gguf
+    from safetensors.torch import load_file, save_file
+
+    from server.engine.gguf_convert import QUANTIZED_FILE
+    from server.engine.weights import QuantizedTensor
+
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    weights = load_file(f"{dst}/model.safetensors")
+    blocks = {}
+    for name, w in weights.items():
+        kind = "Q8_0" if name.endswith("embed_tokens.weight") else "Q4_1" if "_proj.weight" in name or name == "lm_head.weight" else None
+        if kind is None:
+            continue
+        raw = gguf.quants.quantize(w.float().numpy(), getattr(gguf.GGMLQuantizationType, kind))
+        blocks[name] = QuantizedTensor.from_gguf_blocks(kind, raw, tuple(w.shape))
+        weights[name] = blocks[name].dequantize()
+    save_file(weights, f"{dst}/model.safetensors", metadata={"format": "pt"})
+    parts = {k: v for name, t in blocks.items() for k, v in t.tensors(name).items()}
+    save_file(parts, f"{dst}/{QUANTIZED_FILE}",
+              metadata={"format": "pt", "kinds": json.dumps({n: t.kind for n, t in blocks.items()})})
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_q4_dir(tiny_llama_dir, tmp_path_factory):
+    """tiny_llama_dir with Q4_1 projections and a Q8_0 embedding (auto runs int4 / int8)."""
+    return quantize_folder(tiny_llama_dir, str(tmp_path_factory.mktemp("tiny-llama-q4")))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_q4_dir(tiny_qwen2_dir, tmp_path_factory):
+    """tiny_qwen2_dir (tied embeddings, q/k/v bias) quantized the same way."""
+    return quantize_folder(tiny_qwen2_dir, str(tmp_path_factory.mktemp("tiny-qwen2-q4")))
+
+
 @pytest.fixture(scope="session")
 def default_model():
     """The real default model (SmolLM2-135M-Instruct), loaded once per session."""

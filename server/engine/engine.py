@@ -143,7 +143,7 @@ class Engine:
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = min(config.scheduler.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
-        self.runner = ModelRunner(config, mc, self.loaded.weights, self.max_model_len)
+        self.runner = ModelRunner(config, mc, self.loaded.weights, self.loaded.quantized, self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)

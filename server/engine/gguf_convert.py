@@ -8,6 +8,9 @@ Hugging Face folder that later loads read directly:
     <cache_dir>/gguf/<key>/config.json              HF config (LlamaForCausalLM or Qwen2ForCausalLM)
                            generation_config.json   bos and every end-of-generation id
                            model.safetensors        float32 weights under Hugging Face names
+                           quantized.blocks         the Q4_0 / Q4_1 / Q8_0 matrices in their own
+                                                    blocks (safetensors format, another extension so
+                                                    that Hugging Face loaders read the folder as usual)
                            tokenizer.json, ...      tokenizer.save_pretrained (chat template included)
                            headwise.json            the source GGUF, its size and mtime, the model name
 
@@ -22,6 +25,8 @@ Transformations (references: llama.cpp convert_hf_to_gguf.py, gguf-py quants.py 
 transformers' GGUF loader):
   * dequantize every tensor with gguf.quants.dequantize (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1,
     Q8_0, the K-quants, IQ*, ...) to float32; a GGUF [ne0=in, ne1=out] tensor becomes [out, in];
+  * keep the blocks of Q4_0, Q4_1 and Q8_0 matrices too (server/engine/weights.py runs them
+    without dequantizing); the row permutation below applies to them as well;
   * rename llama.cpp names to Hugging Face names (blk.N.attn_q -> model.layers.N.self_attn.q_proj);
   * undo the row permutation llama.cpp applies to attn_q / attn_k of arch "llama" / "mistral"
     (its RoPE rotates interleaved pairs, Hugging Face's rotates halves); "qwen2" is not permuted;
@@ -39,7 +44,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -50,11 +55,13 @@ from gguf.quants import dequantize
 from safetensors.torch import save_file
 
 from server.engine.errors import CorruptModelError, ModelLoadError, UnsupportedModelError
+from server.engine.weights import QUANT_KINDS, QuantizedTensor
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
+QUANTIZED_FILE = "quantized.blocks"
 MARKER_FILE = "headwise.json"
 _STALE_TMP_SECONDS = 3600.0
 
@@ -103,6 +110,7 @@ class GgufModel:
     generation_config: dict[str, Any]          # HF generation_config.json contents
     weights: dict[str, torch.Tensor]           # HF names, float32, contiguous
     source_names: dict[str, str]               # HF name -> GGUF tensor name (for error messages)
+    quantized: dict[str, QuantizedTensor] = field(default_factory=dict)  # HF name -> its own blocks
 
 
 def cache_folder(gguf_path: str, cache_dir: str) -> str:
@@ -203,19 +211,27 @@ def read_gguf(path: str, progress: Callable[[str], None]) -> GgufModel:
     n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
     weights: dict[str, torch.Tensor] = {}
     source_names: dict[str, str] = {}
+    quantized: dict[str, QuantizedTensor] = {}
     tensors = [t for t in reader.tensors if t.name != _ROPE_FREQS]
     step = max(1, len(tensors) // 10)
     for i, tensor in enumerate(tensors, start=1):
         hf_name = _hf_name(tensor.name, path)
         value = dequantize_tensor(tensor, path)
+        rows = None
         if permuted and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = n_head if hf_name.endswith("q_proj.weight") else n_kv
             if value.dim() != 2 or value.shape[0] % (2 * heads) != 0:
                 raise CorruptModelError(
                     path, f"tensor {tensor.name} has shape {list(value.shape)}, not [{heads} * head_dim, hidden]")
             value = unpermute_rope_rows(value, heads)
+            rows = unpermute_rope_rows(torch.arange(value.shape[0])[:, None], heads)[:, 0]  # [out] source row of each row
         weights[hf_name] = value
         source_names[hf_name] = tensor.name
+        if tensor.tensor_type.name in QUANT_KINDS and value.dim() == 2:
+            blocks = QuantizedTensor.from_gguf_blocks(tensor.tensor_type.name, tensor.data, tuple(value.shape))
+            if rows is not None:
+                blocks = blocks.take_rows(rows)
+            quantized[hf_name] = blocks
         if i % step == 0 or i == len(tensors):
             progress(f"dequantizing {i}/{len(tensors)} tensors")
 
@@ -223,7 +239,7 @@ def read_gguf(path: str, progress: Callable[[str], None]) -> GgufModel:
     name = os.path.basename(path)
     name = name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
     return GgufModel(name=name, config_json=config, generation_config=generation_config,
-                     weights=weights, source_names=source_names)
+                     weights=weights, source_names=source_names, quantized=quantized)
 
 
 def build_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -247,6 +263,10 @@ def write_folder(folder: str, model: GgufModel, tokenizer: PreTrainedTokenizerBa
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.tmp-", dir=parent)
     try:
         save_file(model.weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        if model.quantized:
+            parts = {k: v for name, t in model.quantized.items() for k, v in t.tensors(name).items()}
+            kinds = json.dumps({name: t.kind for name, t in model.quantized.items()})
+            save_file(parts, os.path.join(tmp, QUANTIZED_FILE), metadata={"format": "pt", "kinds": kinds})
         _write_json(os.path.join(tmp, "config.json"), model.config_json)
         _write_json(os.path.join(tmp, "generation_config.json"), model.generation_config)
         tokenizer.save_pretrained(tmp)

@@ -18,8 +18,10 @@ Weights come back under Hugging Face Llama names (model.layers.{i}.self_attn.q_p
 in HF shapes ([out, in] for projections), float32 and contiguous; lm_head.weight is absent when
 the embeddings are tied. float32 safetensors come back memory-mapped (copy-on-write, as
 safetensors returns them): loading is nearly instant and the pages are read on first use
-(about 1-2 s for the default model's 538 MB). Every failure is a ModelLoadError subclass whose
-message names the file.
+(about 1-2 s for the default model's 538 MB). A GGUF's Q4_0 / Q4_1 / Q8_0 matrices also come
+back in their own blocks (LoadedModel.quantized, server/engine/weights.py), which the quantized
+weight formats run without ever touching the float32 pages. Every failure is a ModelLoadError
+subclass whose message names the file.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import glob
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -40,6 +43,7 @@ from server.config import ModelConfig, RopeScaling
 from server.engine import gguf_convert
 from server.engine.errors import (CorruptModelError, ModelLoadError, ModelNotFoundError,
                                   UnsupportedModelError)
+from server.engine.weights import QuantizedTensor
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -67,6 +71,9 @@ class LoadedModel:
     weights: dict[str, torch.Tensor]  # float32, contiguous, Hugging Face Llama names and shapes
     tokenizer: PreTrainedTokenizerBase  # chat_template set when the source has one
     source: str  # the path that was loaded (the GGUF file, not its cache folder)
+    # the GGUF's Q4_0 / Q4_1 / Q8_0 matrices in their own blocks, by Hugging Face name (their
+    # float32 values are in weights too); empty for Hugging Face folders
+    quantized: Mapping[str, QuantizedTensor] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def default_cache_dir() -> str:
@@ -106,16 +113,19 @@ def load_model(path: str | None = None, *, cache_dir: str | None = None,
     kind, target = _resolve(source)
     if kind == "hf":
         config, weights, tokenizer = _load_hf_folder(target, os.path.basename(target), report)
-        return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, source=source)
+        return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, source=source,
+                           quantized=MappingProxyType(_read_quantized(target, weights)))
 
     folder = _converted_folder(target, cache_dir or default_cache_dir(), report)
     name = str(gguf_convert.read_marker(folder).get("name") or os.path.basename(target))
     try:
         config, weights, tokenizer = _load_hf_folder(folder, name, report)
+        quantized = _read_quantized(folder, weights)
     except ModelLoadError as e:
         raise CorruptModelError(
             e.path, f"{e.problem} (GGUF cache of {target}; delete {folder} to convert again)") from e
-    return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, source=target)
+    return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, source=target,
+                       quantized=MappingProxyType(quantized))
 
 
 def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -392,6 +402,30 @@ def _read_safetensors(folder: str, expected: dict[str, tuple[int, ...]]) -> dict
                 weights[name] = tensor.to(torch.float32).contiguous()
     _check_weights(weights, expected, where)
     return {name: weights[name] for name in expected}
+
+
+def _read_quantized(folder: str, weights: dict[str, torch.Tensor]) -> dict[str, QuantizedTensor]:
+    """The blocks a GGUF conversion kept (gguf_convert.QUANTIZED_FILE, in any folder this
+    loader reads), each checked against the shape of its float32 twin."""
+    file = os.path.join(folder, gguf_convert.QUANTIZED_FILE)
+    if not os.path.isfile(file):
+        return {}
+    with _open_safetensors(file) as f:
+        try:
+            kinds = json.loads((f.metadata() or {}).get("kinds", "{}"))
+            parts = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, ValueError) as e:
+            raise CorruptModelError(file, f"unreadable quantized blocks ({e})") from e
+    out: dict[str, QuantizedTensor] = {}
+    for name, kind in kinds.items():
+        try:
+            blocks = QuantizedTensor.from_tensors(kind, parts, name)
+        except (KeyError, ValueError) as e:
+            raise CorruptModelError(file, f"tensor {name}: bad blocks ({e})") from e
+        if name not in weights or tuple(blocks.shape) != tuple(weights[name].shape):
+            raise CorruptModelError(file, f"tensor {name}: blocks of shape {list(blocks.shape)} match no weight")
+        out[name] = blocks
+    return out
 
 
 def _ignorable(name: str, tied: bool) -> bool:

@@ -4,7 +4,9 @@ Reads top to bottom: embed -> L x (RMSNorm -> attention -> residual -> RMSNorm -
 residual) -> final RMSNorm on the rows that sample -> LM head. Tokens of all sequences in a
 step are flattened to T rows; attention is the only place sequences are told apart, through
 the attention backend and its per-step plan passed in explicitly (server/engine/attention/).
-K/V are read and written only by the backend, through the paged cache. Weights use Hugging Face names (loader.py).
+K/V are read and written only by the backend, through the paged cache. Weights use Hugging Face
+names (loader.py); each projection is a Linear of server/engine/weights.py, in the format the
+engine asked for (fp32, bf16, int8, int4).
 
 References: Hugging Face modeling_llama.py / modeling_qwen2.py (the exactness reference in
 tests), gpt-fast model.py, Llama 3.1 RoPE scaling.
@@ -22,21 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 from server.config import ModelConfig, RopeScaling
 from server.engine.timing import LayerTimer
+from server.engine.weights import Embedding, Linear, WeightSource
 
 if TYPE_CHECKING:
     from server.engine.attention import AttentionBackend
-
-
-class Linear:
-    """The projection seam: holds one weight (and bias) and does the matmul. A packed or
-    quantized format replaces this class without touching the model's structure."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        self.weight = weight.contiguous()  # [out, in]
-        self.bias = bias                   # [out] or None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)  # [T, in] -> [T, out]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -97,43 +88,37 @@ class ForwardOutput:
 
 
 class LlamaModel:
-    """Weights plus the forward pass. Build with from_weights(cfg, weights_by_hf_name)."""
+    """Weights plus the forward pass. Build with from_weights(cfg, WeightSource(...))."""
 
-    def __init__(self, cfg: ModelConfig, embed: torch.Tensor, layers: list[DecoderLayer], norm: torch.Tensor,
-                 lm_head: Linear, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, embed: Embedding, layers: list[DecoderLayer], norm: torch.Tensor,
+                 lm_head: Linear, max_positions: int, device: torch.device) -> None:
         self.cfg = cfg
-        self.embed = embed    # [V, C]
+        self.embed = embed    # ids [T] -> [T, C]
         self.layers = layers
         self.norm = norm      # [C]
         self.lm_head = lm_head
         cos, sin = rope_tables(cfg, max_positions)
-        self.cos = cos.to(embed.device)  # [P, D]
-        self.sin = sin.to(embed.device)  # [P, D]
+        self.cos = cos.to(device)  # [P, D]
+        self.sin = sin.to(device)  # [P, D]
 
     @classmethod
-    def from_weights(cls, cfg: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int | None = None,
-                     device: torch.device | str = "cpu") -> LlamaModel:
-        def w(name: str) -> torch.Tensor:
-            # a private, aligned copy: the loader may hand out memory-mapped file pages
-            return weights[name].to(device=device, dtype=torch.float32, copy=True)
-
+    def from_weights(cls, cfg: ModelConfig, weights: WeightSource, max_positions: int | None = None) -> LlamaModel:
+        """Build every projection through weights (its format and device decide the kernels)."""
+        w = weights.tensor
         layers = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
-            qkv_w = torch.cat([w(p + "self_attn.q_proj.weight"), w(p + "self_attn.k_proj.weight"),
-                               w(p + "self_attn.v_proj.weight")])  # [(H + 2 KVH) D, C]
-            qkv_b = (torch.cat([w(p + "self_attn.q_proj.bias"), w(p + "self_attn.k_proj.bias"),
-                                w(p + "self_attn.v_proj.bias")]) if cfg.attention_bias else None)
-            gate_up_w = torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])  # [2 I, C]
+            qkv = [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
+            qkv_bias = [p + f"self_attn.{x}_proj.bias" for x in "qkv"] if cfg.attention_bias else None
             layers.append(DecoderLayer(
-                input_norm=w(p + "input_layernorm.weight"), qkv=Linear(qkv_w, qkv_b),
-                o_proj=Linear(w(p + "self_attn.o_proj.weight")),
+                input_norm=w(p + "input_layernorm.weight"), qkv=weights.linear(qkv, qkv_bias),
+                o_proj=weights.linear([p + "self_attn.o_proj.weight"]),
                 post_attention_norm=w(p + "post_attention_layernorm.weight"),
-                gate_up=Linear(gate_up_w), down=Linear(w(p + "mlp.down_proj.weight"))))
-        embed = w("model.embed_tokens.weight")  # [V, C]
-        lm_head = Linear(embed if cfg.tie_word_embeddings else w("lm_head.weight"))
-        return cls(cfg, embed, layers, w("model.norm.weight"), lm_head,
-                   max_positions or cfg.max_position_embeddings)
+                gate_up=weights.linear([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
+                down=weights.linear([p + "mlp.down_proj.weight"])))
+        head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        return cls(cfg, weights.embedding("model.embed_tokens.weight"), layers, w("model.norm.weight"),
+                   weights.linear([head]), max_positions or cfg.max_position_embeddings, weights.device)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend, plan: Any,
@@ -144,7 +129,7 @@ class LlamaModel:
         cfg = self.cfg
         h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         cos, sin = self.cos[positions], self.sin[positions]          # [T, D]
-        x = self.embed[input_ids]                                    # [T, C]
+        x = self.embed(input_ids)                                    # [T, C]
         telemetry = []
         for i, layer in enumerate(self.layers):
             a = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)      # [T, C]

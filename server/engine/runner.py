@@ -12,6 +12,7 @@ sampled for every sequence whose chunk reached the end of its tokens.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ from server.engine.scheduler import Batch, ScheduledRequest
 from server.engine.structured import fill_bitmask, new_bitmask
 from server.engine.telemetry import finalize_stats
 from server.engine.timing import LayerTimer
+from server.engine.weights import QuantizedTensor, WeightSource
 
 
 @dataclass(frozen=True)
@@ -86,15 +88,16 @@ class StepBuffers:
 class ModelRunner:
     """Builds the model, the KV cache and the attention backend on the engine's device."""
 
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: dict[str, torch.Tensor],
-                 max_model_len: int) -> None:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: Mapping[str, torch.Tensor],
+                 quantized: Mapping[str, QuantizedTensor], max_model_len: int) -> None:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = torch.device(config.device)
         self.model_config = model_config
         self.block_size = bs = config.cache.block_size
         self.num_blocks = num_blocks_for(model_config, config.cache, max_model_len)
-        self.model = LlamaModel.from_weights(model_config, weights, max_model_len, self.device)
+        source = WeightSource(weights, quantized, config.weight_format, self.device)
+        self.model = LlamaModel.from_weights(model_config, source, max_model_len)
         self.cache = KVCache.allocate(model_config, self.num_blocks, bs, self.device)
         self.attention = build_backend(config.attention_backend, self.cache, self.device,
                                        config.telemetry.sink_tokens, max_model_len)

@@ -341,6 +341,17 @@ def apply_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[i
 
 # ------------------------------------------------------------------------------------ the sampler
 
+def nonfinite_rows(logits: torch.Tensor) -> list[int]:
+    """Rows of logits [B, V] holding a NaN or an infinity. One reduction in the common case: a
+    row of finite values has a finite sum unless the sum overflows, and only then (or when a
+    value is not finite) is the row checked value by value."""
+    suspect = (~torch.isfinite(logits.sum(dim=-1))).nonzero().flatten()           # [B'] rows to check
+    if suspect.numel() == 0:
+        return []
+    rows = logits.index_select(0, suspect)                                          # [B', V]
+    return suspect[~torch.isfinite(rows).all(dim=-1)].tolist()
+
+
 def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
            allowed: tuple[torch.Tensor, Sequence[int]] | None = None) -> SamplerOutput:
     """One token per row of logits [B, V] (float32), with logprobs where asked. allowed: a token
@@ -365,7 +376,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
         token_ids[s] = sample_random(x.index_select(0, s), [rows[i].params for i in random_rows],
                                      [rows[i].seed for i in random_rows])  # [S]
     ids = token_ids.tolist()
-    bad = (~torch.isfinite(raw).all(dim=-1)).nonzero().flatten().tolist()  # rows with NaN or inf logits
+    bad = nonfinite_rows(raw)
     return SamplerOutput(token_ids=ids,
                          logprobs=compute_logprobs(raw, ids, [r.params.logprobs for r in rows]),
                          nonfinite_rows=frozenset(bad))

@@ -77,7 +77,7 @@ def test_default_model_logits_match_transformers(default_model):
     from server.engine.loader import default_model_path
     import os
 
-    engine = Engine(EngineConfig(cache=CacheConfig(memory_bytes=512 << 20)), loaded=default_model)
+    engine = Engine(EngineConfig(cache=CacheConfig(memory_bytes=512 << 20), weight_format="fp32"), loaded=default_model)
     gguf = default_model_path()
     ref_model = hf_model(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
     ids = engine.tokenize("The quick brown fox jumps over the lazy dog. " * 12)

@@ -534,3 +534,15 @@ def test_logit_bias_bans_and_forces_in_its_row_only():
 def test_bad_logit_bias_is_refused(bias, needle):
     with pytest.raises(InvalidRequestError, match=needle):
         SamplingParams(logit_bias=bias)
+
+
+def test_nonfinite_rows_finds_nan_and_inf_and_spares_huge_finite_rows():
+    from server.engine.sampler import nonfinite_rows
+
+    x = torch.randn(6, 1000)                                         # [B, V]
+    x[1, 7] = float("nan")
+    x[3, 0] = float("-inf")
+    x[4, :] = 3e38                                                   # finite, but its sum overflows
+    x[5, 999] = float("inf")
+    assert nonfinite_rows(x) == [1, 3, 5]
+    assert nonfinite_rows(torch.randn(3, 50)) == []
