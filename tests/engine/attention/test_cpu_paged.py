@@ -111,6 +111,23 @@ def test_batch_of_lengths_telemetry_off_and_row_independence(op, d):
     assert torch.equal(o2, out[reordered]) and torch.equal(a2, acc[reordered])
 
 
+def test_thread_count_and_work_split_change_nothing(op):
+    """A long row alone on two threads (its KV heads split between them), the same row next to
+    others, and one thread: bit for bit the same."""
+    q, kc, vc, table, seq, _, _ = paged([1000, 40, 700], 9, 3, 64, seed=3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        alone = op(q[:1].contiguous(), kc, vc, table[:1], seq[:1], 0.125, True, 4)
+        batch = op(q, kc, vc, table, seq, 0.125, True, 4)
+        torch.set_num_threads(1)
+        serial = op(q, kc, vc, table, seq, 0.125, True, 4)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(alone[0][0], batch[0][0]) and torch.equal(alone[1][0], batch[1][0])
+    assert torch.equal(batch[0], serial[0]) and torch.equal(batch[1], serial[1])
+
+
 def test_sharp_attention_and_sink_tokens(op):
     """Large logits (near one-hot rows): statistics within 1e-5; sink_tokens other than 4
     honoured. Scores of magnitude ~300 carry ~3e-5 relative float32 error into each e_j (the

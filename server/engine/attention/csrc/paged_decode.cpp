@@ -2,8 +2,10 @@
 //
 // One query row per sequence (the decode rows of a step) attends over its seq_len keys, read
 // directly from one layer's paged K/V cache through its block table: no gathered, padded copy.
-// Per (row, KV head) pair, the G = H / KVH query heads of the group share every key and value
-// load. Per (row, query head) an exact two-pass softmax, as in the torch reference
+// Work is split over (row, KV head) pairs with at::parallel_for; a thread that holds several KV
+// heads of one row reads each cache slot whole, and the G = H / KVH query heads of a KV head
+// share every key and value load. Per (row, query head) an exact two-pass softmax, as in the
+// torch reference
 // (server/engine/attention/torch_ref.py, attend):
 //   s_j = (q . k_j) * scale            into a scratch row, j = 0 .. n-1 (only valid keys exist here)
 //   m = max s,  e_j = exp(s_j - m),  l = sum e,  out = (sum_j e_j v_j) / l
@@ -11,8 +13,9 @@
 //   acc = (l, t = sum e_j (s_j - m), sum_{j < sink_tokens} e_j, sum e_j j).
 // Everything accumulates in float32. l and out come from the same code whether or not telemetry
 // is computed (the statistics are extra loops over the same e), so out is bit-identical either
-// way; each (row, KV head) is computed alone, so a row's result never depends on the batch.
-// Keys and values are read in tiles of 16 (one tile stays in L1 while all G heads use it). With
+// way; every (row, query head) gets the same arithmetic however the work is split, so a row's
+// result never depends on the batch or the thread count.
+// Keys and values are read in tiles of 16 (one tile stays in L1 while all its heads use it). With
 // AVX-512 and D a multiple of 16, a tile's 16 x G dot products end in one transpose-and-add
 // (hsum16), values accumulate in registers and exp is 16 lanes wide; elsewhere portable loops
 // over LANES partial sums do the same (no -ffast-math anywhere: every sum has a fixed order, so
@@ -159,53 +162,59 @@ inline __m512 hsum16(__m512* a) {
                        _mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// s[h, j] = (q_h . k_j) * scale for the G heads of one group; D % 16 == 0.
-void scores(const float* qg, const float* kc, const int32_t* table, int64_t n, int64_t g, const Shapes& sh,
-            float scale, float* s) {
-  const int64_t D = sh.D;
+// s[lh, j] = (q_h . k_j) * scale for the query heads of KV heads g0 .. g1 - 1 (local head
+// lh = (g - g0) * G + i for query head g * G + i); D % 16 == 0. Each tile of keys is read once,
+// whole slots at a time across the KV heads of the range, and used by all their query heads.
+void scores(const float* q_row, const float* kc, const int32_t* table, int64_t n, int64_t g0, int64_t g1,
+            const Shapes& sh, float scale, float* s) {
+  const int64_t D = sh.D, G = sh.G;
   const float* rows[CHUNK];
   for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
     const int64_t c = std::min(CHUNK, n - j0);
-    tile_rows(kc, table, j0, c, g, sh, rows);
-    for (int64_t h = 0; h < sh.G; ++h) {
-      const float* qh = qg + h * D;
-      __m512 part[CHUNK];
-      for (int64_t u = 0; u < CHUNK; ++u) part[u] = _mm512_setzero_ps();
-      for (int64_t u = 0; u < c; ++u) {
-        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_loadu_ps(rows[u]));
-        for (int64_t d = 16; d < D; d += 16)
-          a = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), _mm512_loadu_ps(rows[u] + d), a);
-        part[u] = a;
+    tile_rows(kc, table, j0, c, 0, sh, rows);
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t i = 0; i < G; ++i) {
+        const float* qh = q_row + (g * G + i) * D;
+        __m512 part[CHUNK];
+        for (int64_t u = 0; u < CHUNK; ++u) part[u] = _mm512_setzero_ps();
+        for (int64_t u = 0; u < c; ++u) {
+          const float* kj = rows[u] + g * D;
+          __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_loadu_ps(kj));
+          for (int64_t d = 16; d < D; d += 16)
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), _mm512_loadu_ps(kj + d), acc);
+          part[u] = acc;
+        }
+        const __m512 sums = _mm512_mul_ps(hsum16(part), _mm512_set1_ps(scale));
+        _mm512_mask_storeu_ps(s + ((g - g0) * G + i) * n + j0, static_cast<__mmask16>((1u << c) - 1u), sums);
       }
-      const __m512 sums = _mm512_mul_ps(hsum16(part), _mm512_set1_ps(scale));
-      _mm512_mask_storeu_ps(s + h * n + j0, static_cast<__mmask16>((1u << c) - 1u), sums);
-    }
   }
 }
 
-// o[h, :] = sum_j e[h, j] v_j for the G heads of one group; D % 16 == 0.
-void weighted_values(const float* e, const float* vc, const int32_t* table, int64_t n, int64_t g,
+// o[lh, :] = sum_j e[lh, j] v_j for the query heads of KV heads g0 .. g1 - 1; D % 16 == 0.
+void weighted_values(const float* e, const float* vc, const int32_t* table, int64_t n, int64_t g0, int64_t g1,
                      const Shapes& sh, float* o) {
-  const int64_t D = sh.D;
+  const int64_t D = sh.D, G = sh.G;
   const float* rows[CHUNK];
-  std::fill(o, o + sh.G * D, 0.0f);
+  std::fill(o, o + (g1 - g0) * G * D, 0.0f);
   for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
     const int64_t c = std::min(CHUNK, n - j0);
-    tile_rows(vc, table, j0, c, g, sh, rows);
-    for (int64_t h = 0; h < sh.G; ++h) {
-      const float* eh = e + h * n + j0;
-      for (int64_t d = 0; d < D; d += 64) {  // up to four accumulators in registers
-        const int64_t w = std::min<int64_t>(4, (D - d) / 16);
-        __m512 acc[4];
-        for (int64_t x = 0; x < w; ++x) acc[x] = _mm512_loadu_ps(o + h * D + d + 16 * x);
-        for (int64_t u = 0; u < c; ++u) {
-          const __m512 wu = _mm512_set1_ps(eh[u]);
-          for (int64_t x = 0; x < w; ++x)
-            acc[x] = _mm512_fmadd_ps(wu, _mm512_loadu_ps(rows[u] + d + 16 * x), acc[x]);
+    tile_rows(vc, table, j0, c, 0, sh, rows);
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t i = 0; i < G; ++i) {
+        const int64_t lh = (g - g0) * G + i;
+        const float* eh = e + lh * n + j0;
+        for (int64_t d = 0; d < D; d += 64) {  // up to four accumulators in registers
+          const int64_t w = std::min<int64_t>(4, (D - d) / 16);
+          __m512 acc[4];
+          for (int64_t x = 0; x < w; ++x) acc[x] = _mm512_loadu_ps(o + lh * D + d + 16 * x);
+          for (int64_t u = 0; u < c; ++u) {
+            const __m512 wu = _mm512_set1_ps(eh[u]);
+            const float* vj = rows[u] + g * D + d;
+            for (int64_t x = 0; x < w; ++x) acc[x] = _mm512_fmadd_ps(wu, _mm512_loadu_ps(vj + 16 * x), acc[x]);
+          }
+          for (int64_t x = 0; x < w; ++x) _mm512_storeu_ps(o + lh * D + d + 16 * x, acc[x]);
         }
-        for (int64_t x = 0; x < w; ++x) _mm512_storeu_ps(o + h * D + d + 16 * x, acc[x]);
       }
-    }
   }
 }
 
@@ -243,77 +252,82 @@ inline float exp_and_sum16(const float* s, float m, float* e, int64_t n) {
 }
 #endif
 
-// Portable versions (any CPU, any D): the same arithmetic, one key at a time.
-void scores_portable(const float* qg, const float* kc, const int32_t* table, int64_t n, int64_t g,
+// Portable versions (any CPU, any D): the same tiles, one key at a time.
+void scores_portable(const float* q_row, const float* kc, const int32_t* table, int64_t n, int64_t g0, int64_t g1,
                      const Shapes& sh, float scale, float* s) {
+  const int64_t D = sh.D, G = sh.G;
   const float* rows[CHUNK];
   for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
     const int64_t c = std::min(CHUNK, n - j0);
-    tile_rows(kc, table, j0, c, g, sh, rows);
-    for (int64_t h = 0; h < sh.G; ++h)
-      for (int64_t u = 0; u < c; ++u) s[h * n + j0 + u] = dot(qg + h * sh.D, rows[u], sh.D) * scale;
+    tile_rows(kc, table, j0, c, 0, sh, rows);
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t i = 0; i < G; ++i)
+        for (int64_t u = 0; u < c; ++u)
+          s[((g - g0) * G + i) * n + j0 + u] = dot(q_row + (g * G + i) * D, rows[u] + g * D, D) * scale;
   }
 }
 
-void weighted_values_portable(const float* e, const float* vc, const int32_t* table, int64_t n, int64_t g,
-                              const Shapes& sh, float* o) {
-  const int64_t D = sh.D;
+void weighted_values_portable(const float* e, const float* vc, const int32_t* table, int64_t n, int64_t g0,
+                              int64_t g1, const Shapes& sh, float* o) {
+  const int64_t D = sh.D, G = sh.G;
   const float* rows[CHUNK];
-  std::fill(o, o + sh.G * D, 0.0f);
+  std::fill(o, o + (g1 - g0) * G * D, 0.0f);
   for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
     const int64_t c = std::min(CHUNK, n - j0);
-    tile_rows(vc, table, j0, c, g, sh, rows);
-    for (int64_t h = 0; h < sh.G; ++h)
-      for (int64_t u = 0; u < c; ++u) {
-        const float w = e[h * n + j0 + u];
-        float* oh = o + h * D;
-        for (int64_t d = 0; d < D; ++d) oh[d] += w * rows[u][d];
+    tile_rows(vc, table, j0, c, 0, sh, rows);
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t i = 0; i < G; ++i) {
+        const int64_t lh = (g - g0) * G + i;
+        float* oh = o + lh * D;
+        for (int64_t u = 0; u < c; ++u) {
+          const float w = e[lh * n + j0 + u];
+          const float* vj = rows[u] + g * D;
+          for (int64_t d = 0; d < D; ++d) oh[d] += w * vj[d];
+        }
       }
   }
 }
 
-// One (row, KV head): scores, softmax, output and (optionally) accumulators of its G query heads.
-void attend_group(const float* q_row, const float* kc, const float* vc, const int32_t* table,
-                  int64_t n, int64_t g, const Shapes& sh, float scale, bool stats, int64_t sink_tokens,
+// One row, KV heads g0 .. g1 - 1: scores, softmax, output and (optionally) accumulators of their
+// query heads. Every (KV head, query head) gets the same arithmetic whatever the range, so how
+// the work is split never changes a result.
+void attend_heads(const float* q_row, const float* kc, const float* vc, const int32_t* table, int64_t n,
+                  int64_t g0, int64_t g1, const Shapes& sh, float scale, bool stats, int64_t sink_tokens,
                   float* out_row, float* acc_row, std::vector<float>& scratch) {
-  const int64_t G = sh.G, D = sh.D;
-  scratch.resize(static_cast<size_t>(2 * G * n + G * D));
-  float* s = scratch.data();            // [G, n] scores
-  float* e = s + G * n;                 // [G, n] exp(s - m)
-  float* o = e + G * n;                 // [G, D] sum e v
-  const float* qg = q_row + g * G * D;  // [G, D] this group's query heads
-  float m[64], l[64];                   // G <= 64 (checked by the caller)
+  const int64_t D = sh.D, nh = (g1 - g0) * sh.G, h0 = g0 * sh.G;
+  scratch.resize(static_cast<size_t>(2 * nh * n + nh * D + 2 * nh));
+  float* s = scratch.data();  // [nh, n] scores
+  float* e = s + nh * n;      // [nh, n] exp(s - m)
+  float* o = e + nh * n;      // [nh, D] sum e v
+  float* m = o + nh * D;      // [nh] row max
+  float* l = m + nh;          // [nh] sum e
 #if defined(__AVX512F__)
-  const bool wide = D % 16 == 0;
-#else
-  const bool wide = false;
-#endif
-  if (wide) {
-#if defined(__AVX512F__)
-    scores(qg, kc, table, n, g, sh, scale, s);
-    for (int64_t h = 0; h < G; ++h) {
-      m[h] = max_of(s + h * n, n);
-      l[h] = exp_and_sum16(s + h * n, m[h], e + h * n, n);
+  if (D % 16 == 0) {
+    scores(q_row, kc, table, n, g0, g1, sh, scale, s);
+    for (int64_t lh = 0; lh < nh; ++lh) {
+      m[lh] = max_of(s + lh * n, n);
+      l[lh] = exp_and_sum16(s + lh * n, m[lh], e + lh * n, n);
     }
-    weighted_values(e, vc, table, n, g, sh, o);
+    weighted_values(e, vc, table, n, g0, g1, sh, o);
+  } else
 #endif
-  } else {
-    scores_portable(qg, kc, table, n, g, sh, scale, s);
-    for (int64_t h = 0; h < G; ++h) {
-      m[h] = max_of(s + h * n, n);
-      l[h] = exp_and_sum(s + h * n, m[h], e + h * n, n);
+  {
+    scores_portable(q_row, kc, table, n, g0, g1, sh, scale, s);
+    for (int64_t lh = 0; lh < nh; ++lh) {
+      m[lh] = max_of(s + lh * n, n);
+      l[lh] = exp_and_sum(s + lh * n, m[lh], e + lh * n, n);
     }
-    weighted_values_portable(e, vc, table, n, g, sh, o);
+    weighted_values_portable(e, vc, table, n, g0, g1, sh, o);
   }
-  for (int64_t h = 0; h < G; ++h) {
-    float* dst = out_row + (g * G + h) * D;
-    for (int64_t d = 0; d < D; ++d) dst[d] = o[h * D + d] / l[h];
+  for (int64_t lh = 0; lh < nh; ++lh) {
+    float* dst = out_row + (h0 + lh) * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] = o[lh * D + d] / l[lh];
   }
   if (!stats) return;
-  for (int64_t h = 0; h < G; ++h) {
-    float* a = acc_row + (g * G + h) * 4;
-    a[0] = l[h];
-    stat_sums(s + h * n, e + h * n, m[h], n, sink_tokens, a + 1);
+  for (int64_t lh = 0; lh < nh; ++lh) {
+    float* a = acc_row + (h0 + lh) * 4;
+    a[0] = l[lh];
+    stat_sums(s + lh * n, e + lh * n, m[lh], n, sink_tokens, a + 1);
   }
 }
 
@@ -338,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(const at::Tensor& q, const at::T
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t NB = k_cache.size(0), bs = k_cache.size(1), KVH = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == D, "paged_decode: head_dim of q and the cache differ");
-  TORCH_CHECK(KVH > 0 && H % KVH == 0 && H / KVH <= 64, "paged_decode: H must be a multiple of KVH (H/KVH <= 64)");
+  TORCH_CHECK(KVH > 0 && H % KVH == 0, "paged_decode: H must be a multiple of KVH");
   TORCH_CHECK(block_table.size(0) == B && seq_lens.size(0) == B, "paged_decode: batch sizes differ");
   TORCH_CHECK(sink_tokens >= 0, "paged_decode: sink_tokens must be >= 0");
   const Shapes sh{H, KVH, H / KVH, D, bs, NB, block_table.size(1), block_table.stride(0), KVH * D};
@@ -368,10 +382,11 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(const at::Tensor& q, const at::T
   const int64_t grain = total_keys * KVH < 2048 ? B * KVH : 1;
   at::parallel_for(0, B * KVH, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / KVH, g = i % KVH;
-      attend_group(qp + b * H * D, kc, vc, table + b * sh.table_stride, lens[b], g, sh, sc, compute_stats,
+    for (int64_t i = begin; i < end;) {  // the chunk's (row, KV head) pairs, a row's KV heads together
+      const int64_t b = i / KVH, g0 = i % KVH, g1 = std::min(KVH, g0 + (end - i));
+      attend_heads(qp + b * H * D, kc, vc, table + b * sh.table_stride, lens[b], g0, g1, sh, sc, compute_stats,
                    sink_tokens, op + b * H * D, compute_stats ? ap + b * H * 4 : nullptr, scratch);
+      i += g1 - g0;
     }
   });
   return {out, acc};
