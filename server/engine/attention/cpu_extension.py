@@ -3,8 +3,8 @@
 torch.utils.cpp_extension.load compiles it with the system C++ compiler and ninja into torch's
 extensions directory (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), once per source,
 flags and CPU: -march=native code only runs on the CPU kind it was built for, so the library's
-name carries fingerprints of the CPU and of the source. Later loads find it built (scripts/setup.sh builds
-it at set-up). The op registers itself as torch.ops.headwise.paged_decode.
+name carries fingerprints of the CPU and of the source. Later loads find it built
+(scripts/setup.sh builds it at set-up). The op registers itself as torch.ops.headwise.paged_decode.
 
     python -c "from server.engine.attention.cpu_extension import main; main()"   # build now (set-up)
 
@@ -81,7 +81,7 @@ def load_paged_decode() -> Extension:
             load(name=_library_name(), sources=[str(SOURCE)],
                  extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
             return Extension(torch.ops.headwise.paged_decode, None)
-        except Exception as exc:  # a compiler error, a linker error, an unwritable cache dir
+        except Exception as exc:  # no source, a compiler or linker error, an unwritable cache dir
             text = str(exc).strip().splitlines()
             reason = f"building {SOURCE.name} failed: {type(exc).__name__}: {text[0] if text else ''}"
     logger.warning("headwise: the CPU paged-decode attention extension is unavailable (%s); "

@@ -222,6 +222,17 @@ def test_without_a_compiler_auto_warns_once_and_cpu_fails_clearly(monkeypatch, c
     assert unbuilt().op is None and "no C++ compiler" in unbuilt().reason
 
 
+def test_a_compile_error_is_a_reason_not_an_exception(monkeypatch, tmp_path, caplog):
+    broken = tmp_path / "paged_decode.cpp"
+    broken.write_text("#error headwise test: this source does not compile\n")
+    monkeypatch.setattr(cpu_extension, "SOURCE", broken)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    with caplog.at_level(logging.WARNING, logger=cpu_extension.__name__):
+        ext = cpu_extension.load_paged_decode.__wrapped__()
+    assert ext.op is None and ext.reason.startswith("building paged_decode.cpp failed: RuntimeError")
+    assert sum(r.levelno == logging.WARNING for r in caplog.records) == 1
+
+
 def test_engine_generates_the_same_tokens_and_telemetry_as_torch(op, tiny_llama_dir):
     """Greedy tokens identical, per-request telemetry within 1e-5, over a continuous batch with
     chunked prefill (steps that mix decode rows and prefill chunks)."""
