@@ -122,10 +122,14 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend, plan: Any,
-                sample_rows: torch.Tensor, timer: LayerTimer | None = None) -> ForwardOutput:
+                sample_rows: torch.Tensor, timer: LayerTimer | None = None, num_decodes: int | None = None,
+                sample_decodes: int | None = None) -> ForwardOutput:
         """input_ids, positions [T]; attention and plan: the backend and its prepare() of this
         step; sample_rows [S] rows whose logits are wanted; timer, when given, times each layer's
-        attention (telemetry included)."""
+        attention (telemetry included). num_decodes: the first rows are decodes (the rest prefill
+        chunks), sample_decodes: the first sample rows are; projections pick their kernel by
+        row kind (weights.split_rows). None: every row alike."""
+        bd, sd = num_decodes, sample_decodes
         cfg = self.cfg
         h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         cos, sin = self.cos[positions], self.sin[positions]          # [T, D]
@@ -133,7 +137,7 @@ class LlamaModel:
         telemetry = []
         for i, layer in enumerate(self.layers):
             a = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)      # [T, C]
-            qkv = layer.qkv(a)                                       # [T, (H + 2 KVH) D]
+            qkv = layer.qkv(a, bd)                                   # [T, (H + 2 KVH) D]
             qk, v = qkv.split([(h + kvh) * d, kvh * d], dim=-1)      # [T, (H + KVH) D], [T, KVH D]
             qk = apply_rope(qk.view(-1, h + kvh, d), cos, sin)       # [T, H + KVH, D] one rotation for both
             q, k = qk.split([h, kvh], dim=1)                         # [T, H, D], [T, KVH, D]
@@ -144,11 +148,11 @@ class LlamaModel:
                 timer.stop()
             if st is not None:
                 telemetry.append(st)
-            x = x + layer.o_proj(attn.reshape(-1, h * d))            # [T, C]
+            x = x + layer.o_proj(attn.reshape(-1, h * d), bd)        # [T, C]
             a = rms_norm(x, layer.post_attention_norm, cfg.rms_norm_eps)  # [T, C]
-            gate, up = layer.gate_up(a).chunk(2, dim=-1)             # [T, I] x2
-            x = x + layer.down(F.silu(gate) * up)                    # [T, C]
+            gate, up = layer.gate_up(a, bd).chunk(2, dim=-1)         # [T, I] x2
+            x = x + layer.down(F.silu(gate) * up, bd)                # [T, C]
         last = rms_norm(x[sample_rows], self.norm, cfg.rms_norm_eps)  # [S, C]
-        logits = self.lm_head(last)                                  # [S, V]
+        logits = self.lm_head(last, sd)                              # [S, V]
         return ForwardOutput(logits=logits, telemetry=torch.stack(telemetry) if telemetry else None,  # [L, R, H, 4]
                              attention_times=timer.seconds() if timer is not None else None)

@@ -160,7 +160,8 @@ class ModelRunner:
         out = self.model.forward(
             buf.to_device("input_ids", meta.num_tokens), buf.to_device("positions", meta.num_tokens),  # [T], [T]
             self.attention, plan, buf.to_device("sample_rows", len(samples)),                         # [S]
-            timer=LayerTimer(self.device) if time_attention else None)
+            timer=LayerTimer(self.device) if time_attention else None, num_decodes=meta.num_decodes,
+            sample_decodes=sum(1 for b in samples if b < meta.num_decodes))
         stats = None
         if out.telemetry is not None:
             keys = meta.seq_lens[meta.stats_seqs_cpu.to(self.device)][None, :]          # [1, R]

@@ -85,6 +85,21 @@ def test_a_quantized_row_does_not_depend_on_its_batch(fmt, kind):
     assert torch.equal(lin(x[5:21]), full[5:21])
 
 
+@pytest.mark.parametrize("fmt, kind", [("int8", "Q8_0"), ("int4", "Q4_1")])
+def test_decode_rows_take_the_quantized_kernel_and_prefill_rows_the_dense_copy(fmt, kind):
+    qt, ref = blocks(kind, 64, 96)
+    lin = make_linear(qt, None, fmt, "w", CPU, dense_prefill=True)
+    alone = make_linear(qt, None, fmt, "w", CPU)                              # no copy: quantized for every row
+    x = torch.randn(9, 96)                                                    # [T, in] 3 decodes, 6 prefill rows
+    mixed = lin(x, 3)                                                         # [T, out]
+    assert torch.equal(mixed[:3], alone(x[:3])) and torch.equal(mixed[:3], lin(x[:3], 3))
+    assert torch.equal(mixed[3:], lin.prefill(x[3:])) and torch.equal(mixed[3:], lin(x[3:], 0))
+    assert torch.equal(lin(x), alone(x))                                      # num_decodes None: all rows alike
+    assert torch.equal(lin.prefill.weight, torch.from_numpy(ref).bfloat16())  # the copy holds the file's values
+    for i in range(3):                                                        # a decode row never sees its batch
+        assert torch.equal(lin(x[i:i + 1], 1), mixed[i:i + 1])
+
+
 def test_auto_picks_the_files_own_format_and_explicit_formats_are_checked():
     q4, _ = blocks("Q4_1", 32, 64)
     q8, _ = blocks("Q8_0", 32, 64)
