@@ -250,3 +250,31 @@ def test_openai_server_exports_every_head_on_vllms_metrics(model_dir, tmp_path):
         if prom is not None:
             prom.stop()
         srv.stop()
+
+
+REGISTER_CHECK = """
+import os, sys
+from server.vllm_plugin import BACKEND_PATH, register
+os.environ["HEADWISE_TELEMETRY_SAMPLE_RATE"] = "2"
+try:
+    register()
+except ValueError as e:
+    print("refused:", e)
+else:
+    sys.exit("a sample rate of 2 was accepted")
+os.environ["HEADWISE_TELEMETRY_SAMPLE_RATE"] = "0.5"
+register()
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
+print("path:", AttentionBackendEnum.CPU_ATTN.get_path())
+print("class:", AttentionBackendEnum.CPU_ATTN.get_class().__name__, AttentionBackendEnum.CPU_ATTN.get_class().get_name())
+"""
+
+
+def test_register_points_cpu_attn_at_the_plugin_and_refuses_a_bad_rate():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "HEADWISE_"))}
+    r = subprocess.run([str(VLLM_PY), "-c", REGISTER_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "refused: HEADWISE_TELEMETRY_SAMPLE_RATE must be a number in [0, 1], got 2.0" in r.stdout
+    assert "path: server.vllm_plugin.cpu_attn.HeadwiseCPUAttentionBackend" in r.stdout
+    assert "class: HeadwiseCPUAttentionBackend CPU_ATTN" in r.stdout
