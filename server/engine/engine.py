@@ -138,12 +138,13 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None,
                  progress=None) -> None:
         self.config = config = config or EngineConfig()
-        self.loaded = loaded or load_model(config.model, progress=progress)
-        self.model_config = mc = self.loaded.config
-        self.tokenizer = self.loaded.tokenizer
+        loaded = loaded or load_model(config.model, progress=progress)
+        self.model_config = mc = loaded.config
+        self.tokenizer = loaded.tokenizer
         self.max_model_len = min(config.scheduler.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
-        self.runner = ModelRunner(config, mc, self.loaded.weights, self.loaded.quantized, self.max_model_len)
+        # the runner keeps what its kernels need; the loaded tensors are not held past here
+        self.runner = ModelRunner(config, mc, loaded.weights, loaded.quantized, self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)

@@ -39,10 +39,18 @@ class KVCache:
     @classmethod
     def allocate(cls, model: ModelConfig, num_blocks: int, block_size: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> KVCache:
-        """num_blocks usable blocks, plus the zero padding block."""
+        """num_blocks usable blocks, plus the zero padding block. The usable blocks are left
+        uninitialized: every slot is written before any read sees it (reads stop at a sequence's
+        length or go to the padding block), and on a CPU the pages of blocks never used are never
+        touched, so resident memory grows with the tokens the cache has held, not its budget."""
         shape = (num_blocks + 1, block_size, model.num_kv_heads, model.head_dim)
-        return cls(k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(model.num_layers)],
-                   v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(model.num_layers)])
+
+        def pages() -> torch.Tensor:
+            t = torch.empty(shape, device=device, dtype=dtype)  # [num_blocks + 1, bs, KVH, D]
+            t[num_blocks].zero_()                                # the padding block
+            return t
+
+        return cls(k=[pages() for _ in range(model.num_layers)], v=[pages() for _ in range(model.num_layers)])
 
     @property
     def num_blocks(self) -> int:

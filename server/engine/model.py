@@ -118,7 +118,7 @@ class LlamaModel:
                 down=weights.linear([p + "mlp.down_proj.weight"])))
         head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         return cls(cfg, weights.embedding("model.embed_tokens.weight"), layers, w("model.norm.weight"),
-                   weights.linear([head]), max_positions or cfg.max_position_embeddings, weights.device)
+                   weights.linear([head], lm_head=True), max_positions or cfg.max_position_embeddings, weights.device)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend, plan: Any,

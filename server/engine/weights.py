@@ -313,14 +313,15 @@ class WeightSource:
         may hand out memory-mapped file pages)."""
         return self.dense[name].to(device=self.device, dtype=torch.float32, copy=True)
 
-    def linear(self, names: list[str], bias_names: list[str] | None = None) -> Linear:
-        """One projection over the weights `names` stacked along out (q, k, v -> qkv)."""
+    def linear(self, names: list[str], bias_names: list[str] | None = None, lm_head: bool = False) -> Linear:
+        """One projection over the weights `names` stacked along out (q, k, v -> qkv). The LM head
+        keeps no prefill copy: it only sees the rows that sample, a few per step."""
         parts = [self.source(n) for n in names]
         w = parts[0] if len(parts) == 1 else stack_rows(parts)
         label = names[0] if len(names) == 1 else "+".join(names)
         fmt = resolve_format(self.weight_format, w, label, self.device)
         bias = torch.cat([self.tensor(n) for n in bias_names]) if bias_names else None  # [out]
-        return make_linear(w, bias, fmt, label, self.device, self.dense_prefill)
+        return make_linear(w, bias, fmt, label, self.device, self.dense_prefill and not lm_head)
 
     def embedding(self, name: str) -> Embedding:
         return Embedding(self.source(name), self.device)
