@@ -13,6 +13,9 @@ Three entry points, all named `headwise` (pyproject.toml):
   /metrics with headwise serve's family names and labels (export.py), plus
   headwise_telemetry_up and headwise_telemetry_layer_disabled; and GET /v1/telemetry.
 
+`python -m server.vllm_plugin.model_dir` prints the Hugging Face folder vLLM loads for a headwise
+model (the default model's GGUF converted once); scripts/serve-vllm.sh wires it all up.
+
 This package never imports headwise's engine loop; vLLM is imported only by cpu_attn.py,
 worker.py and endpoint.py (and inside register()), so the math is tested without vLLM.
 """

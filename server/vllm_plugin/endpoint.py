@@ -10,6 +10,7 @@ PluginCollector on vLLM's Prometheus registry.
 from __future__ import annotations
 
 import logging
+import os
 from argparse import Namespace
 
 from fastapi import FastAPI, Request
@@ -24,7 +25,7 @@ from server.vllm_plugin.worker import SNAPSHOT_METHOD
 logger = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "server.vllm_plugin.worker.HeadwiseWorkerExtension"
-RPC_TIMEOUT_S = 30.0
+RPC_TIMEOUT_S = 5.0   # a scrape waits at most this long for the ranks (Prometheus' default timeout is 10 s)
 _REFRESHED_PATHS = ("/metrics", "/v1/telemetry")
 
 
@@ -68,6 +69,10 @@ class HeadwiseEndpoint:
             return await engine_client.collective_rpc(SNAPSHOT_METHOD, timeout=RPC_TIMEOUT_S)
 
         self.source = TelemetrySource(model, PluginSettings.from_env().buckets, fetch)
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # several API server processes share metrics through files; a collector is not one of them
+            logger.error("headwise: per-head families are not exported with several API server processes "
+                         "(PROMETHEUS_MULTIPROC_DIR is set); GET /v1/telemetry still works")
         from vllm.v1.metrics.prometheus import get_prometheus_registry
 
         get_prometheus_registry().register(PluginCollector(self.source))
