@@ -158,16 +158,18 @@ def test_sliding_window_layers_turn_off_and_tokens_stay(tmp_path):
 class VllmServer:
     """scripts/serve-vllm.sh on a free port (its own process group, so teardown ends all of vLLM's processes)."""
 
-    def __init__(self, tmp_path: Path, port: int, model: str) -> None:
+    def __init__(self, tmp_path: Path, port: int, model: str, command: list[str] | None = None) -> None:
+        """command: the server command line before its common flags (default: serve-vllm.sh MODEL)."""
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "HEADWISE_"))}
-        env["HEADWISE_TELEMETRY_SAMPLE_RATE"] = "1"
+        env.update(HEADWISE_TELEMETRY_SAMPLE_RATE="1", VLLM_CPU_KVCACHE_SPACE="1")
         self.log_path = tmp_path / "vllm-server.log"
         self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(["bash", "scripts/serve-vllm.sh", model, "--port", str(port), "--max-model-len", "1024",
-                                      "--host", "127.0.0.1"], cwd=ROOT, env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        start = command or ["bash", "scripts/serve-vllm.sh", model]
+        self.proc = subprocess.Popen([*start, "--port", str(port), "--max-model-len", "1024", "--host", "127.0.0.1"],
+                                     cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
 
     def wait_ready(self, timeout: float = 300) -> VllmServer:
         deadline = time.monotonic() + timeout
@@ -278,3 +280,24 @@ def test_register_points_cpu_attn_at_the_plugin_and_refuses_a_bad_rate():
     assert "refused: HEADWISE_TELEMETRY_SAMPLE_RATE must be a number in [0, 1], got 2.0" in r.stdout
     assert "path: server.vllm_plugin.cpu_attn.HeadwiseCPUAttentionBackend" in r.stdout
     assert "class: HeadwiseCPUAttentionBackend CPU_ATTN" in r.stdout
+
+
+def test_without_the_worker_extension_the_server_says_so_and_reads_down(model_dir, tmp_path):
+    """The plugin loads, but vLLM was started without --worker-extension-cls: the workers cannot
+    report, /metrics keeps serving with headwise_telemetry_up 0, and the log names the flag."""
+    from tests.api.conftest import free_port
+
+    bare = ["env", "VLLM_PLUGINS=headwise", str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model",
+            model_dir, "--served-model-name", "m", "--dtype", "float32", "--enforce-eager"]
+    srv = VllmServer(tmp_path, free_port(), model_dir, command=bare).wait_ready()
+    try:
+        fams = families(httpx.get(srv.url + "/metrics", timeout=60).text)
+        assert fams["headwise_telemetry_up"].samples[0].value == 0.0
+        assert len(head_counts(fams, "entropy")) == 270                   # still exported, at zero
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "m", "prompt": "Hi", "max_tokens": 3}, timeout=300)
+        assert r.status_code == 200                                       # serving is unaffected
+        log = srv.log_path.read_text()
+        assert "--worker-extension-cls server.vllm_plugin.worker.HeadwiseWorkerExtension" in log
+        assert "per-head telemetry is down" in log
+    finally:
+        srv.stop()
