@@ -36,4 +36,8 @@ echo "[setup] building the CPU attention extension (C++, with ninja)"
 if ! .venv/bin/python -c "from server.engine.attention.cpu_extension import main; main()"; then
   echo "[setup] warning: the CPU attention extension did not build (reason above); headwise will use the torch reference attention"
 fi
+echo "[setup] building the fused CPU layer ops (C++)"
+if ! .venv/bin/python -c "import sys; from server.engine.layer_ops import load_layer_ops; sys.exit(load_layer_ops() is None)"; then
+  echo "[setup] warning: the fused CPU layer ops did not build (reason above); the quantized path will run them as torch ops"
+fi
 echo "[setup] done: .venv/bin/headwise --help"

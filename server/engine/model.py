@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from server.config import ModelConfig, RopeScaling
 from server.engine.timing import LayerTimer
+from server.engine.layer_ops import LayerOps, load_layer_ops
 from server.engine.weights import Embedding, Linear, WeightSource
 
 if TYPE_CHECKING:
@@ -91,8 +92,9 @@ class LlamaModel:
     """Weights plus the forward pass. Build with from_weights(cfg, WeightSource(...))."""
 
     def __init__(self, cfg: ModelConfig, embed: Embedding, layers: list[DecoderLayer], norm: torch.Tensor,
-                 lm_head: Linear, max_positions: int, device: torch.device) -> None:
+                 lm_head: Linear, max_positions: int, device: torch.device, layer_ops: LayerOps | None = None) -> None:
         self.cfg = cfg
+        self.layer_ops = layer_ops  # fused CPU glue for bfloat16-input projections (layer_ops.py), or None
         self.embed = embed    # ids [T] -> [T, C]
         self.layers = layers
         self.norm = norm      # [C]
@@ -117,8 +119,13 @@ class LlamaModel:
                 gate_up=weights.linear([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
                 down=weights.linear([p + "mlp.down_proj.weight"])))
         head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        lm_head = weights.linear([head], lm_head=True)
+        # the fused glue hands bfloat16 to every projection: only when all of them take it anyway
+        bf16_inputs = all(lin.format != "fp32" for layer in layers for lin in (layer.qkv, layer.o_proj, layer.gate_up,
+                                                                              layer.down)) and lm_head.format != "fp32"
+        ops = load_layer_ops() if bf16_inputs and weights.device.type == "cpu" and weights.fused_ops else None
         return cls(cfg, weights.embedding("model.embed_tokens.weight"), layers, w("model.norm.weight"),
-                   weights.linear([head], lm_head=True), max_positions or cfg.max_position_embeddings, weights.device)
+                   lm_head, max_positions or cfg.max_position_embeddings, weights.device, ops)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend, plan: Any,
@@ -131,28 +138,47 @@ class LlamaModel:
         row kind (weights.split_rows). None: every row alike."""
         bd, sd = num_decodes, sample_decodes
         cfg = self.cfg
-        h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        h, d = cfg.num_heads, cfg.head_dim
         cos, sin = self.cos[positions], self.sin[positions]          # [T, D]
         x = self.embed(input_ids)                                    # [T, C]
         telemetry = []
         for i, layer in enumerate(self.layers):
-            a = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)      # [T, C]
-            qkv = layer.qkv(a, bd)                                   # [T, (H + 2 KVH) D]
-            qk, v = qkv.split([(h + kvh) * d, kvh * d], dim=-1)      # [T, (H + KVH) D], [T, KVH D]
-            qk = apply_rope(qk.view(-1, h + kvh, d), cos, sin)       # [T, H + KVH, D] one rotation for both
-            q, k = qk.split([h, kvh], dim=1)                         # [T, H, D], [T, KVH, D]
+            q, k, v = self._qkv(layer, x, cos, sin, bd)              # [T, H, D], [T, KVH, D], [T, KVH, D]
             if timer is not None:
                 timer.start()
-            attn, st = attention.forward(i, q, k, v.reshape(-1, kvh, d), plan)  # [T, H, D], [R, H, 4]
+            attn, st = attention.forward(i, q, k, v, plan)           # [T, H, D], [R, H, 4]
             if timer is not None:
                 timer.stop()
             if st is not None:
                 telemetry.append(st)
             x = x + layer.o_proj(attn.reshape(-1, h * d), bd)        # [T, C]
-            a = rms_norm(x, layer.post_attention_norm, cfg.rms_norm_eps)  # [T, C]
-            gate, up = layer.gate_up(a, bd).chunk(2, dim=-1)         # [T, I] x2
-            x = x + layer.down(F.silu(gate) * up, bd)                # [T, C]
-        last = rms_norm(x[sample_rows], self.norm, cfg.rms_norm_eps)  # [S, C]
-        logits = self.lm_head(last, sd)                              # [S, V]
+            x = x + self._mlp(layer, x, bd)                          # [T, C]
+        logits = self.lm_head(self._norm(x[sample_rows], self.norm), sd)  # [S, V]
         return ForwardOutput(logits=logits, telemetry=torch.stack(telemetry) if telemetry else None,  # [L, R, H, 4]
                              attention_times=timer.seconds() if timer is not None else None)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm of x [T, C]: bfloat16 through the fused op on the quantized path, else float32."""
+        if self.layer_ops is not None:
+            return self.layer_ops.rms_norm_bf16(x, weight, self.cfg.rms_norm_eps)  # [T, C] bf16
+        return rms_norm(x, weight, self.cfg.rms_norm_eps)                         # [T, C]
+
+    def _qkv(self, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             bd: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Norm, q/k/v projection and RoPE of the residual x [T, C] -> q [T, H, D], k, v [T, KVH, D]."""
+        h, kvh, d = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
+        qkv = layer.qkv(self._norm(x, layer.input_norm), bd)         # [T, (H + 2 KVH) D]
+        if self.layer_ops is not None:
+            return self.layer_ops.qkv_rope(qkv, cos, sin, h, kvh)
+        qk, v = qkv.split([(h + kvh) * d, kvh * d], dim=-1)          # [T, (H + KVH) D], [T, KVH D]
+        qk = apply_rope(qk.view(-1, h + kvh, d), cos, sin)           # [T, H + KVH, D] one rotation for both
+        q, k = qk.split([h, kvh], dim=1)                             # [T, H, D], [T, KVH, D]
+        return q, k, v.reshape(-1, kvh, d)
+
+    def _mlp(self, layer: DecoderLayer, x: torch.Tensor, bd: int | None) -> torch.Tensor:
+        """Norm and SwiGLU of the residual x [T, C] -> [T, C]."""
+        gate_up = layer.gate_up(self._norm(x, layer.post_attention_norm), bd)  # [T, 2 I]
+        if self.layer_ops is not None:
+            return layer.down(self.layer_ops.silu_mul_bf16(gate_up), bd)      # [T, C]
+        gate, up = gate_up.chunk(2, dim=-1)                          # [T, I] x2
+        return layer.down(F.silu(gate) * up, bd)                     # [T, C]

@@ -304,6 +304,7 @@ class WeightSource:
     weight_format: str = "auto"
     device: torch.device = torch.device("cpu")
     dense_prefill: bool = True                    # int4 / int8 projections keep a bf16 copy for prefill rows
+    fused_ops: bool = True                        # the model may use layer_ops.py's fused glue (CPU, bf16 inputs)
 
     def source(self, name: str) -> torch.Tensor | QuantizedTensor:
         return self.quantized.get(name, self.dense[name])

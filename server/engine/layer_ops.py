@@ -1,0 +1,63 @@
+"""Fused elementwise ops of a decoder layer on CPUs (csrc/layer_ops.cpp), for the quantized path.
+
+At decode the glue between a layer's matmuls costs more than its arithmetic: F.rms_norm alone
+dispatches five ops on a CPU (about 23 us a call with 61 calls a step), and every cast, split and
+RoPE term is one more. Three C++ ops replace those chains where the next matmul wants bfloat16
+activations (the int4 / int8 / bf16 formats):
+
+    rms_norm_bf16(x, w, eps)             F.rms_norm(x, w, eps).to(bfloat16)
+    silu_mul_bf16(gate_up)               (F.silu(gate) * up).to(bfloat16)
+    qkv_rope(qkv, cos, sin, H, KVH)      q, k rotated (rotate-half RoPE) and v, float32
+
+They are built like the paged-decode op (attention/cpu_extension.py: the system C++ compiler and
+ninja, once per source and CPU, at set-up). LayerOps.load() gives them, or None with the reason
+logged once; the model then runs the same math as torch ops. The fp32 format never uses them:
+it stays the exactness reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from server.engine.attention.cpu_extension import CFLAGS, _missing_tool
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "layer_ops.cpp"
+FLAGS = [f for f in CFLAGS if f != "-fopenmp"]  # single-threaded: see the source's header
+
+
+@dataclass(frozen=True)
+class LayerOps:
+    rms_norm_bf16: Callable
+    silu_mul_bf16: Callable
+    qkv_rope: Callable
+
+
+@functools.cache
+def load_layer_ops() -> LayerOps | None:
+    """Build (first time) and load the ops; never raises. None, with one warning, when unavailable."""
+    reason = _missing_tool()
+    if reason is None:
+        try:
+            import torch
+            from torch.utils.cpp_extension import load
+
+            from server.engine.attention.cpu_extension import _library_name
+
+            tag = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:8]
+            name = _library_name().replace("headwise_paged_decode_", "headwise_layer_ops_") + "_" + tag
+            load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, is_python_module=False)
+            ops = torch.ops.headwise_layer
+            return LayerOps(ops.rms_norm_bf16, ops.silu_mul_bf16, ops.qkv_rope)
+        except Exception as exc:  # no source, a compiler or linker error, an unwritable cache dir
+            lines = str(exc).strip().splitlines()
+            reason = f"building {SOURCE.name} failed: {type(exc).__name__}: {lines[0] if lines else ''}"
+    logger.warning("headwise: the fused CPU layer ops are unavailable (%s); the quantized path runs them as torch ops",
+                   reason)
+    return None
