@@ -5,9 +5,9 @@
 //   silu_mul_bf16(gate_up)          (F.silu(g) * u).to(bfloat16), g, u = halves   [T, 2I] bf16/f32
 //   qkv_rope(qkv, cos, sin, H, KVH) float32 q, k rotated (rotate-half RoPE) and v from qkv [T, (H + 2KVH) D]
 // All math in float32; bfloat16 outputs are rounded to nearest even (c10::BFloat16).
-// Single-threaded on purpose: at decode a call is a few microseconds, and an OpenMP region of
-// ours between torch's own (a second OpenMP runtime, spinning after each region) slowed a whole
-// decode step 6x. Rows are computed one by one, so a row's result never depends on its batch.
+// Single-threaded on purpose: at decode a call takes a few microseconds, less than waking a
+// thread pool, and it keeps a second OpenMP runtime (the system's libgomp beside torch's bundled
+// one) out of the process. Rows are computed one by one, so a row never depends on its batch.
 
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
