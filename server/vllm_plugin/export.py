@@ -7,6 +7,7 @@ a prometheus_client collector for any CollectorRegistry (vLLM's, in the server):
 headwise serve through server.exposition.HeadStatsCollector, plus
 
     headwise_telemetry_up{model}                          1 when the plugin runs on every rank
+    headwise_telemetry_sample_rate{model}                 the workers' fraction of sampled steps
     headwise_telemetry_layer_disabled{layer,reason,model} 1 per layer whose telemetry is off
 """
 
@@ -25,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 UP_FAMILY = ("headwise_telemetry_up",
              "1 when the headwise vLLM plugin computes per-head telemetry on every rank, else 0 (see the log).")
+RATE_FAMILY = ("headwise_telemetry_sample_rate",
+               "Fraction of engine steps that compute per-head telemetry (HEADWISE_TELEMETRY_SAMPLE_RATE).")
 DISABLED_FAMILY = ("headwise_telemetry_layer_disabled",
                    "1 for each attention layer whose telemetry is off, labelled with the reason.")
 
@@ -47,7 +50,8 @@ class TelemetrySource:
                 merged = merge_reports([RankReport.from_wire(w) for w in wires], self.model, self.buckets)
             except Exception as exc:  # an RPC error, a worker without the extension: down, with the reason
                 merged = MergedTelemetry(head_stats=self.latest.head_stats, disabled=self.latest.disabled, up=False,
-                                         problem=f"fetching the workers' telemetry failed: {type(exc).__name__}: {exc}")
+                                         problem=f"fetching the workers' telemetry failed: {type(exc).__name__}: {exc}",
+                                         sample_rate=self.latest.sample_rate)
             if merged.problem != self._logged:
                 if merged.problem is not None:
                     logger.error("headwise: per-head telemetry is down: %s", merged.problem)
@@ -67,6 +71,7 @@ class PluginCollector:
 
     def describe(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(*UP_FAMILY, labels=["model"])
+        yield GaugeMetricFamily(*RATE_FAMILY, labels=["model"])
         yield GaugeMetricFamily(*DISABLED_FAMILY, labels=["layer", "reason", "model"])
         yield from self._heads.describe()
 
@@ -75,6 +80,10 @@ class PluginCollector:
         up = GaugeMetricFamily(*UP_FAMILY, labels=["model"])
         up.add_metric([name], 1.0 if latest.up else 0.0)
         yield up
+        if latest.sample_rate is not None:
+            rate = GaugeMetricFamily(*RATE_FAMILY, labels=["model"])
+            rate.add_metric([name], latest.sample_rate)
+            yield rate
         off = GaugeMetricFamily(*DISABLED_FAMILY, labels=["layer", "reason", "model"])
         for layer, reason in sorted(latest.disabled.items()):
             off.add_metric([str(layer), reason, name], 1.0)

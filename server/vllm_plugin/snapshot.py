@@ -66,12 +66,14 @@ class RankReport:
 @dataclass(frozen=True)
 class MergedTelemetry:
     """What the API process exports: the global HeadStats, the layers with telemetry off
-    (layer -> reason), and whether the plugin is active on every rank (problem says why not)."""
+    (layer -> reason), whether the plugin is active on every rank (problem says why not), and
+    the fraction of steps that compute telemetry (the lowest over ranks; None before any report)."""
 
     head_stats: HeadStats
     disabled: dict[int, str]
     up: bool
     problem: str | None
+    sample_rate: float | None = None
 
 
 def empty_head_stats(model: ModelDescription, buckets: Sequence[float]) -> HeadStats:
@@ -118,5 +120,6 @@ def merge_reports(reports: Sequence[RankReport], model: ModelDescription,
                 disabled[layer.layer] = layer.disabled
     merged = HeadStats(stat_names=hs.stat_names, buckets=hs.buckets, sums=hs.sums, counts=hs.counts,
                        histogram=hs.histogram, histogram_sum=hs.histogram_sum, head_histogram=None, rows=rows)
+    rate = min((rep.sample_rate for rep in reports if rep.layers), default=None)
     return MergedTelemetry(head_stats=merged, disabled=disabled, up=not problems,
-                           problem="; ".join(problems) or None)
+                           problem="; ".join(problems) or None, sample_rate=rate)

@@ -236,6 +236,7 @@ def test_openai_server_exports_every_head_on_vllms_metrics(model_dir, tmp_path):
         for stat in STAT_NAMES:
             counts = head_counts(fams, stat)
             assert len(counts) == 270 and set(counts.values()) == {float(generated)}, stat
+        assert fams["headwise_telemetry_sample_rate"].samples[0].value == 1.0
         rows = fams["headwise_telemetry_rows"].samples[0]
         assert rows.value == generated and rows.labels["model"] == model
         tele = httpx.get(srv.url + "/v1/telemetry", timeout=60).json()

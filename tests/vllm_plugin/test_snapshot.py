@@ -72,7 +72,13 @@ def test_disabled_layers_and_stock_layers_are_reported():
 
 def test_no_reports_is_down():
     merged = merge_reports([], MODEL, BUCKETS)
-    assert not merged.up and merged.head_stats.counts.sum() == 0
+    assert not merged.up and merged.head_stats.counts.sum() == 0 and merged.sample_rate is None
+
+
+def test_the_exported_sample_rate_is_the_lowest_rank_rate():
+    wires = rank_reports(full_accumulator(), 3)
+    wires[1]["sample_rate"] = 0.2
+    assert merge_reports([RankReport.from_wire(w) for w in wires], MODEL, BUCKETS).sample_rate == 0.2
 
 
 def test_a_report_outside_the_model_is_refused():
@@ -111,6 +117,7 @@ def test_export_has_every_head_of_every_family_and_the_health_gauges():
         assert {(s.labels["layer"], s.labels["head"]) for s in counts} == {(str(l), str(h)) for l in range(30) for h in range(9)}
         assert all(int(s.labels["kv_head"]) == int(s.labels["head"]) // 3 for s in counts)
     assert families["headwise_telemetry_up"].samples[0].value == 1.0
+    assert families["headwise_telemetry_sample_rate"].samples[0].value == 1.0
     off = families["headwise_telemetry_layer_disabled"].samples
     assert [(s.labels["layer"], s.labels["reason"], s.value) for s in off] == [("2", "softcap", 1.0)]
     if shutil.which("promtool"):
@@ -133,7 +140,7 @@ def test_a_failed_fetch_keeps_the_last_values_and_reads_down(caplog):
     assert asyncio.run(source.refresh()).up
     merged = asyncio.run(source.refresh())
     assert not merged.up and "headwise_snapshot" in merged.problem
-    assert int(merged.head_stats.counts[0, 0]) == 3
+    assert int(merged.head_stats.counts[0, 0]) == 3 and merged.sample_rate == 1.0
     _, families = scrape(source)
     assert families["headwise_telemetry_up"].samples[0].value == 0.0
 
