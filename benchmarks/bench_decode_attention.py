@@ -10,7 +10,9 @@ machine's drift. Reported per backend, medians over the measured steps:
   - step_ms: the whole engine step (schedule, run, sample, update, detokenize);
   - attention_ms: the attention backend's forward summed over the 30 layers (write the new K/V,
     attend, telemetry accumulators), i.e. what the backend choice changes;
-  - prepare_ms: the backend's per-step prepare (its indices from the metadata).
+  - prepare_ms: the backend's per-step prepare (its indices from the metadata);
+  - step_cpu_ms, attention_cpu_ms: the same as CPU time of the calling thread, which a busy
+    machine inflates far less than wall time; the work of every thread only with --threads 1.
 """
 
 from __future__ import annotations
@@ -26,16 +28,22 @@ def log(msg: str) -> None:
     print(f"[bench_decode_attention] {msg}", file=sys.stderr, flush=True)
 
 
-def _timed(record: list[float], fn):
-    """fn, appending each call's duration (s) to record."""
+def _timed(record: list[tuple[float, float]], fn):
+    """fn, appending each call's (wall, this thread's CPU) duration in seconds to record."""
     @functools.wraps(fn)
     def inner(*a, **k):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             return fn(*a, **k)
         finally:
-            record.append(time.perf_counter() - t0)
+            record.append((time.perf_counter() - t0, time.thread_time() - c0))
     return inner
+
+
+def _all_decoding(engine, batch: int) -> bool:
+    """Every request admitted and past its prompt (added requests reach the scheduler in step())."""
+    running = engine.scheduler.running
+    return len(running) == batch and all(r.num_computed_tokens >= r.num_prompt_tokens for r in running)
 
 
 def measure(contexts: list[int], batches: list[int], steps: int, backends: tuple[str, ...],
@@ -61,35 +69,42 @@ def measure(contexts: list[int], batches: list[int], steps: int, backends: tuple
     rows = []
     for batch in batches:
         for n in contexts:
-            params = SamplingParams(max_tokens=steps + 4, temperature=0, ignore_eos=True)
+            # requests admitted first decode while later ones prefill: room for that head start
+            params = SamplingParams(max_tokens=steps + 8 + -(-batch * n // 256), temperature=0, ignore_eos=True)
             for i, engine in enumerate(engines.values()):
                 ids = engine.tokenize(text)
                 for b in range(batch):
                     engine.add_request(ids[b * 7:b * 7 + n], params)
-                while any(r.num_computed_tokens < r.num_prompt_tokens
-                          for r in engine.scheduler.running + list(engine.scheduler.waiting)):
+                while not _all_decoding(engine, batch):
                     engine.step()                                            # prefill
                 engine.step()                                                # first decode step, not measured
             wall = {name: [] for name in engines}
+            cpu = {name: [] for name in engines}
             per_attn = {name: [] for name in engines}
+            per_attn_cpu = {name: [] for name in engines}
             per_prep = {name: [] for name in engines}
             for _ in range(steps):
                 for name, engine in engines.items():
                     attn[name].clear()
                     prep[name].clear()
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.thread_time()
                     engine.step()
                     wall[name].append(time.perf_counter() - t0)
-                    per_attn[name].append(sum(attn[name]))
-                    per_prep[name].append(sum(prep[name]))
+                    cpu[name].append(time.thread_time() - c0)
+                    per_attn[name].append(sum(w for w, _ in attn[name]))
+                    per_attn_cpu[name].append(sum(c for _, c in attn[name]))
+                    per_prep[name].append(sum(w for w, _ in prep[name]))
             for engine in engines.values():
+                assert _all_decoding(engine, batch), "a request finished or went back to prefill during the measured steps"
                 while engine.has_unfinished():
                     engine.step()
             row = {"batch": batch, "context": n}
             for name in engines:
                 row[name] = {"step_ms": round(statistics.median(wall[name]) * 1e3, 3),
                              "attention_ms": round(statistics.median(per_attn[name]) * 1e3, 3),
-                             "prepare_ms": round(statistics.median(per_prep[name]) * 1e3, 3)}
+                             "prepare_ms": round(statistics.median(per_prep[name]) * 1e3, 3),
+                             "step_cpu_ms": round(statistics.median(cpu[name]) * 1e3, 3),
+                             "attention_cpu_ms": round(statistics.median(per_attn_cpu[name]) * 1e3, 3)}
             log(str(row))
             rows.append(row)
     return {"date": time.strftime("%Y-%m-%d %H:%M"), "steps": steps, "rows": rows}
