@@ -182,7 +182,8 @@ def test_mixed_step_matches_the_torch_backend(op, stats):
     assert cpu.name == "cpu" and ref.name == "torch"
     out, acc = cpu.forward(1, q, k_new, v_new, cpu.prepare(meta))
     ref_out, ref_acc = ref.forward(1, q, k_new, v_new, ref.prepare(meta))
-    assert torch.equal(cache.k[1], ref_cache.k[1]) and torch.equal(cache.v[1], ref_cache.v[1])
+    for a, b in ((cache.k[1], ref_cache.k[1]), (cache.v[1], ref_cache.v[1])):  # pages never written may hold NaN
+        assert torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
     assert (out[:2] - ref_out[:2]).abs().max() < 1e-5
     assert torch.equal(out[2:], ref_out[2:])
     if stats is None:
