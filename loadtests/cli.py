@@ -1,10 +1,11 @@
-"""Load-test an OpenAI-compatible server with streaming requests: time to first token, time per output token, inter-token and end-to-end latency, throughput, goodput (definitions and histogram boundaries: headwise's; against headwise, its /metrics view is shown beside the client's).
+"""Load-test an OpenAI-compatible server with streaming requests: time to first token, time per output token, inter-token and end-to-end latency, throughput, goodput (definitions and histogram boundaries: headwise's; against headwise, or vLLM, its /metrics view is shown beside the client's, with the per-head attention statistics where the server exports them: headwise serve, or vLLM carrying the headwise plugin).
 
 Examples
     python -m loadtests --concurrency 4 --num-requests 32
     python -m loadtests --concurrency 1,4,8,16 --num-requests 32 --json sweep.json --plot sweep.png
     python -m loadtests --request-rate 0.5 --concurrency 16 --num-requests 50 --goodput ttft:2000 tpot:200
-    python -m loadtests --base-url http://127.0.0.1:8080 --tokenizer path/to/model.gguf   # llama-server
+    python -m loadtests --base-url http://127.0.0.1:8080          # llama-server (its own /tokenize)
+    python -m loadtests --base-url http://127.0.0.1:8000 --tokenizer path/to/model.gguf   # a server without /tokenize
     python -m loadtests --dataset-path prompts.jsonl --endpoint chat
 
 Soak mode: python -m loadtests --soak SECONDS runs a mixed load (streams, disconnects, invalid and
@@ -35,8 +36,11 @@ from loadtests.records import LoadPoint, Prompt, RequestRecord
 from loadtests.report import PointResult, report_json
 from loadtests.stats import PERCENTILES, Slo, summarize
 from loadtests.target import KINDS, Target, probe
-from loadtests.tokens import ServerTokenizer, TokenizerError, load_local
+from loadtests.tokens import TokenizerError, load_local, server_or_model_tokenizer
 from server.latency import REQUEST_LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS, TTFT_BUCKETS
+
+
+METRICS_KINDS = ("headwise", "vllm")  # servers whose /metrics the report reads (server_metrics.family)
 
 
 class UsageError(Exception):
@@ -87,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default=None, help="model name to send (default: the first of GET /v1/models)")
     t.add_argument("--api-key", default=None, help="sent as a Bearer token")
     t.add_argument("--server-kind", choices=("auto",) + KINDS, default="auto",
-                   help="decides extension fields (ignore_eos, return_token_ids) and /metrics reading; "
-                        "auto: detected from /metrics and /props")
+                   help="decides extension fields (ignore_eos, return_token_ids), the /tokenize dialect and "
+                        "/metrics reading; auto: detected from /metrics and /props (vLLM with the headwise "
+                        "plugin is vllm)")
     load = p.add_argument_group("load (a comma-separated list in one of the two makes a sweep)")
     load.add_argument("--concurrency", type=_numbers(int, "--concurrency"), default=None,
                       help="most requests in flight (default: 1 without --request-rate, else unbounded)")
@@ -107,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--input-len", type=positive(int), default=128, help="synthetic prompt tokens (default: 128)")
     d.add_argument("--output-len", type=positive(int), default=64, help="output tokens per request (default: 64)")
     d.add_argument("--tokenizer", default="server",
-                   help="counts synthetic prompt tokens: 'server' (POST /tokenize; default), 'default' "
+                   help="counts synthetic prompt tokens: 'server' (default: POST /tokenize in the server "
+                        "kind's dialect, else the served model's files if its id is a local path), 'default' "
                         "(headwise's default model), a .gguf file or a Hugging Face folder")
     d.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="let requests stop at end-of-sequence (default: ignore_eos, exact output lengths)")
@@ -147,7 +153,7 @@ def load_points(args: argparse.Namespace) -> list[LoadPoint]:
 
 
 # ----------------------------------------------------------------------------- prompts
-def build_prompts(args: argparse.Namespace, count: int) -> list[Prompt]:
+def build_prompts(args: argparse.Namespace, count: int, target: Target) -> list[Prompt]:
     chat = args.endpoint == "chat"
     if args.dataset_path:
         return dataset.from_jsonl(args.dataset_path, count, args.output_len, chat=chat)
@@ -156,8 +162,8 @@ def build_prompts(args: argparse.Namespace, count: int) -> list[Prompt]:
 
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         with httpx.Client(timeout=30, headers=headers) as client:
-            return dataset.synthetic(count, args.input_len, args.output_len, ServerTokenizer(client, args.base_url),
-                                     seed=args.seed, chat=chat)
+            counter = server_or_model_tokenizer(client, args.base_url, target.kind, target.model)
+            return dataset.synthetic(count, args.input_len, args.output_len, counter, seed=args.seed, chat=chat)
     return dataset.synthetic(count, args.input_len, args.output_len, load_local(args.tokenizer),
                              seed=args.seed, chat=chat)
 
@@ -193,7 +199,8 @@ async def _settled_scrape(client, target: Target, before, completed: int):
         after = await server_metrics.scrape(client, target.base_url, target.headers)
         if after is None or before is None:
             return after
-        done = server_metrics.counter_delta(before, after, server_metrics.COUNTERS["request_success"])
+        done = server_metrics.counter_delta(before, after,
+                                            server_metrics.family(server_metrics.COUNTERS["request_success"], target.kind))
         if done is None or done >= completed:
             return after
         await asyncio.sleep(0.1)
@@ -212,7 +219,7 @@ async def run_all(args: argparse.Namespace, points: list[LoadPoint], prompts: li
             batch = measured[i * args.num_requests:(i + 1) * args.num_requests]
             if i == 0 and warm:
                 await run_point(target, warm, LoadPoint(1, None), max_duration=args.max_duration)
-            read = args.server_metrics and target.kind == "headwise"
+            read = args.server_metrics and target.kind in METRICS_KINDS
             before = await server_metrics.scrape(scraper, target.base_url, target.headers) if read else None
             progress = _Progress(args.progress, len(batch), point.label)
             try:
@@ -222,7 +229,7 @@ async def run_all(args: argparse.Namespace, points: list[LoadPoint], prompts: li
                 progress.close()
             completed = sum(1 for r in run.requests if r.ok)
             after = await _settled_scrape(scraper, target, before, completed) if before is not None else None
-            view = server_metrics.server_view(before, after) if before is not None and after is not None else None
+            view = server_metrics.server_view(before, after, target.kind) if before is not None and after is not None else None
             result = PointResult(run=run, summary=summarize(run, bounds, slo, args.percentiles), server=view)
             results.append(result)
             print(table.point_table(result, slo), flush=True)
@@ -283,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.warmup < 0:
             raise UsageError("--warmup must be >= 0")
         target = asyncio.run(resolve_target(args))
-        prompts = build_prompts(args, args.warmup + args.num_requests * len(points))
+        prompts = build_prompts(args, args.warmup + args.num_requests * len(points), target)
         bounds = histogram_bounds()
     except (UsageError, dataset.DatasetError, TokenizerError) as e:
         print(f"loadtests: error: {e}", file=sys.stderr)

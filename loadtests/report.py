@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loadtests.records import RunRecord
-from loadtests.server_metrics import ServerView
+from loadtests.server_metrics import HeadView, ServerView
 from loadtests.stats import METRICS, Distribution, Histogram, RunSummary, histogram_quantile, request_metrics
 
 QUANTILES = (0.5, 0.9, 0.99)
@@ -18,7 +18,7 @@ QUANTILES = (0.5, 0.9, 0.99)
 class PointResult:
     run: RunRecord
     summary: RunSummary
-    server: ServerView | None  # None when the target exports no headwise /metrics
+    server: ServerView | None  # None when the target's /metrics is not read (not headwise or vLLM)
 
 
 def _ms(x: float | None) -> float | None:
@@ -49,7 +49,16 @@ def server_json(view: ServerView | None) -> dict[str, Any] | None:
         return None
     return {"histograms": {k: histogram_json(h) for k, h in view.histograms.items()},
             "counters": view.counters, "success_by_reason": view.success_by_reason,
-            "gauges_after": view.gauges_after}
+            "gauges_after": view.gauges_after, "heads": heads_json(view.heads)}
+
+
+def heads_json(heads: HeadView | None) -> dict[str, Any] | None:
+    """The run's per-(layer, head) rows and means ([layer][head], null where a head had no rows)."""
+    if heads is None:
+        return None
+    return {"layers": heads.layers, "heads": heads.heads, "telemetry_up": heads.telemetry_up,
+            "total_rows": heads.total_rows, "rows": heads.rows,
+            "overall_means": {k: heads.overall(k) for k in heads.means}, "means": heads.means}
 
 
 def per_request_json(run: RunRecord) -> list[dict[str, Any]]:

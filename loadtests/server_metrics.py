@@ -1,8 +1,14 @@
-"""headwise's own view of a run: /metrics read before and after, differenced.
+"""The server's own view of a run: /metrics read before and after, differenced.
 
-Family names are DESIGN.md's (vLLM's semantics under the headwise_ prefix). A family the server
-does not export yet is None here and "n/a" in the table. Only prometheus_client's text parser
-is used; nothing is registered.
+Family names are DESIGN.md's (vLLM's semantics under the headwise_ prefix); against vLLM the same
+families under its vllm: prefix (KV cache usage is vllm:kv_cache_usage_perc there). A family the
+server does not export is None here and "n/a" in the table.
+
+The per-head view (HeadView) reads the per-(layer, head) summaries headwise serve exports, which
+vLLM exports too when it carries the headwise plugin (server/vllm_plugin, with
+headwise_telemetry_up beside them): the run's rows and mean statistics per head.
+
+Only prometheus_client's text parser is used; nothing is registered.
 """
 
 from __future__ import annotations
@@ -35,6 +41,24 @@ GAUGES = {
     "kv_cache_usage": "headwise_kv_cache_usage_ratio",
 }
 
+VLLM_NAMES = {"headwise_kv_cache_usage_ratio": "vllm:kv_cache_usage_perc"}  # the rest: prefix swapped
+HEAD_FAMILIES = {  # statistic -> per-(layer, head) summary family (server/exposition.py)
+    "entropy": "headwise_head_entropy_nats",
+    "normalized_entropy": "headwise_head_normalized_entropy",
+    "max_weight": "headwise_head_max_weight",
+    "sink_mass": "headwise_head_sink_mass",
+    "lookback_distance": "headwise_head_lookback_distance",
+}
+TELEMETRY_UP = "headwise_telemetry_up"  # the vLLM plugin's health (absent on headwise serve)
+
+
+def family(name: str, kind: str) -> str:
+    """A headwise_ family name as the server of `kind` exports it."""
+    if kind != "vllm":
+        return name
+    return VLLM_NAMES.get(name, "vllm:" + name.removeprefix("headwise_"))
+
+
 Labels = tuple[tuple[str, str], ...]
 
 
@@ -55,6 +79,36 @@ class Snapshot:
 
 
 @dataclass(frozen=True)
+class HeadView:
+    """Per-(layer, head) statistics over the telemetry rows of one run (after minus before)."""
+
+    layers: int
+    heads: int
+    rows: list[list[int]]                          # [layer][head] rows counted in the run
+    means: dict[str, list[list[float | None]]]     # statistic -> [layer][head] mean (None: no rows)
+    telemetry_up: float | None                     # vLLM plugin: 1 active on every rank, 0 not; None: absent
+
+    @property
+    def total_rows(self) -> int:
+        return sum(sum(r) for r in self.rows)
+
+    def overall(self, stat: str) -> float | None:
+        """Row-weighted mean over every head."""
+        pairs = [(m, n) for mr, nr in zip(self.means.get(stat, []), self.rows) for m, n in zip(mr, nr)
+                 if m is not None and n]
+        total = sum(n for _, n in pairs)
+        return sum(m * n for m, n in pairs) / total if total else None
+
+    def extremes(self, stat: str, k: int = 3) -> tuple[list[tuple[int, int, float]], list[tuple[int, int, float]]]:
+        """The k lowest and k highest heads by their mean: (layer, head, mean)."""
+        cells = sorted((m, layer, head) for layer, row in enumerate(self.means.get(stat, []))
+                       for head, m in enumerate(row) if m is not None)
+        low = [(l, h, m) for m, l, h in cells[:k]]
+        high = [(l, h, m) for m, l, h in reversed(cells[-k:])] if cells else []
+        return low, high
+
+
+@dataclass(frozen=True)
 class ServerView:
     """Differences between two scrapes; None where the server lacks the family."""
 
@@ -62,6 +116,7 @@ class ServerView:
     counters: dict[str, float | None]
     success_by_reason: dict[str, float]
     gauges_after: dict[str, float | None]
+    heads: HeadView | None = None  # None: the server exports no per-head families
 
 
 def parse(text: str) -> Snapshot:
@@ -104,16 +159,58 @@ def counter_delta(before: Snapshot, after: Snapshot, name: str, where: Mapping[s
     return None if new is None else new - (before.total(name, where) or 0.0)
 
 
-def server_view(before: Snapshot, after: Snapshot) -> ServerView:
-    success = COUNTERS["request_success"]
+def server_view(before: Snapshot, after: Snapshot, kind: str = "headwise") -> ServerView:
+    success = family(COUNTERS["request_success"], kind)
     reasons = after.label_values(success, "finished_reason")
     return ServerView(
-        histograms={k: histogram_delta(before, after, f) for k, f in HISTOGRAMS.items()},
-        counters={k: counter_delta(before, after, n) for k, n in COUNTERS.items()},
+        histograms={k: histogram_delta(before, after, family(f, kind)) for k, f in HISTOGRAMS.items()},
+        counters={k: counter_delta(before, after, family(n, kind)) for k, n in COUNTERS.items()},
         success_by_reason={r: d for r in sorted(reasons)
                            if (d := counter_delta(before, after, success, {"finished_reason": r}))},
-        gauges_after={k: after.total(n) for k, n in GAUGES.items()},
+        gauges_after={k: after.total(family(n, kind)) for k, n in GAUGES.items()},
+        heads=head_view(before, after),
     )
+
+
+def _per_head(snap: Snapshot, sample: str) -> dict[tuple[int, int], float]:
+    """(layer, head) -> value of a per-head sample, summed over other labels (model)."""
+    out: dict[tuple[int, int], float] = {}
+    for (name, labels), value in snap.samples.items():
+        if name != sample:
+            continue
+        d = dict(labels)
+        try:
+            key = (int(d["layer"]), int(d["head"]))
+        except (KeyError, ValueError):
+            continue
+        out[key] = out.get(key, 0.0) + value
+    return out
+
+
+def head_view(before: Snapshot, after: Snapshot) -> HeadView | None:
+    """The run's per-(layer, head) rows and means, from the summaries' _sum and _count
+    differences; None when the server exports no per-head family."""
+    counts = _per_head(after, HEAD_FAMILIES["entropy"] + "_count")
+    if not counts:
+        return None
+    old_counts = _per_head(before, HEAD_FAMILIES["entropy"] + "_count")
+    layers = 1 + max(l for l, _ in counts)
+    heads = 1 + max(h for _, h in counts)
+    rows = [[int(round(counts.get((l, h), 0.0) - old_counts.get((l, h), 0.0))) for h in range(heads)]
+            for l in range(layers)]
+    means: dict[str, list[list[float | None]]] = {}
+    for stat, name in HEAD_FAMILIES.items():
+        new_sum, old_sum = _per_head(after, name + "_sum"), _per_head(before, name + "_sum")
+        new_n, old_n = _per_head(after, name + "_count"), _per_head(before, name + "_count")
+        grid: list[list[float | None]] = []
+        for l in range(layers):
+            row: list[float | None] = []
+            for h in range(heads):
+                n = new_n.get((l, h), 0.0) - old_n.get((l, h), 0.0)
+                row.append((new_sum.get((l, h), 0.0) - old_sum.get((l, h), 0.0)) / n if n > 0 else None)
+            grid.append(row)
+        means[stat] = grid
+    return HeadView(layers=layers, heads=heads, rows=rows, means=means, telemetry_up=after.total(TELEMETRY_UP))
 
 
 async def scrape(client, base_url: str, headers: Mapping[str, str]) -> Snapshot | None:

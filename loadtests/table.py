@@ -1,11 +1,13 @@
-"""The readable tables: per load point, the client's numbers with headwise's own beside them;
-for a sweep, one summary line per point."""
+"""The readable tables: per load point, the client's numbers with the server's own beside them
+(headwise's or vLLM's /metrics) and its per-head view where it exports one; for a sweep, one
+summary line per point."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from loadtests.report import PointResult
+from loadtests.server_metrics import HeadView
 from loadtests.stats import METRICS, Histogram, Slo, histogram_quantile
 
 NAMES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2e": "E2E", "queue": "queue", "prefill": "prefill",
@@ -51,10 +53,42 @@ def point_table(result: PointResult, slo: Slo = Slo()) -> str:
         lines.append(f"{NAMES[key]:<10}|{client} | {buckets} | {server}")
     lines.append("(client: exact over its observations; buckets: the client's observations binned like the "
                  "server's histograms, estimated as Prometheus does; server: /metrics after minus before)")
+    if view is not None and view.heads is not None:
+        lines.extend(head_lines(view.heads))
     if run.requests and s.failed:
         errors = sorted({r.error for r in run.requests if r.error})
         lines.append(f"failed: {s.failed}; " + "; ".join(errors[:3]))
     return "\n".join(lines)
+
+
+STAT_LABELS = (("entropy", "entropy", "nats"), ("normalized_entropy", "normalized entropy", ""),
+               ("max_weight", "max weight", ""), ("sink_mass", "sink mass", ""),
+               ("lookback_distance", "look-back", ""))
+
+
+def head_lines(heads: HeadView) -> list[str]:
+    """The per-head view: rows, row-weighted means over all heads, the extreme heads by
+    normalized entropy, and the vLLM plugin's health where it reports one."""
+    n_heads = heads.layers * heads.heads
+    total = heads.total_rows
+    lines = ["", f"per-head attention (server /metrics, this run): {heads.layers} layers x {heads.heads} heads, "
+                 f"{total} rows ({total / n_heads:.1f} per head)"]
+    if heads.telemetry_up is not None and heads.telemetry_up < 1:
+        lines.append("  headwise_telemetry_up 0: the vLLM plugin computes no per-head statistics on some rank "
+                     "(the server's log says why)")
+    if total == 0:
+        lines.append("  no telemetry rows in this run (a sampled server may have skipped every step)")
+        return lines
+    means = []
+    for stat, label, unit in STAT_LABELS:
+        v = heads.overall(stat)
+        means.append(f"{label} {'n/a' if v is None else f'{v:.3f}'}{' ' + unit if unit and v is not None else ''}")
+    lines.append("  mean " + "   ".join(means))
+    low, high = heads.extremes("normalized_entropy")
+    cell = lambda l, h, m: f"L{l}.H{h} {m:.3f}"  # noqa: E731
+    lines.append("  normalized entropy, lowest: " + ", ".join(cell(*c) for c in low)
+                 + "; highest: " + ", ".join(cell(*c) for c in high))
+    return lines
 
 
 def sweep_table(results: Sequence[PointResult]) -> str:

@@ -57,12 +57,29 @@ def _flatten(messages) -> str:
 
 
 def detect_kind(metrics_text: str | None, has_props: bool) -> str:
-    """headwise exports headwise_* families; vLLM vllm:*; llama-server answers GET /props."""
-    if metrics_text and "headwise_" in metrics_text:
-        return "headwise"
-    if metrics_text and "vllm:" in metrics_text:
+    """From GET /metrics and whether GET /props answers: vLLM exports vllm:* families (and, with
+    the headwise plugin, headwise_* ones beside them: still vLLM, whose request fields and
+    /tokenize it speaks); headwise exports only headwise_*; llama-server answers /props."""
+    names = _family_names(metrics_text or "")
+    if any(n.startswith("vllm:") for n in names):
         return "vllm"
+    if any(n.startswith("headwise_") for n in names):
+        return "headwise"
     return "llamacpp" if has_props else "openai"
+
+
+def _family_names(text: str) -> set[str]:
+    """Metric names of the sample and # TYPE lines (not words inside # HELP text)."""
+    names = set()
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("# TYPE "):
+            parts = line.split()
+            if len(parts) >= 3:
+                names.add(parts[2])
+        elif line and not line.startswith("#"):
+            names.add(line.split("{", 1)[0].split(" ", 1)[0])
+    return names
 
 
 async def probe(client, base_url: str, headers: Mapping[str, str]) -> tuple[str, str | None]:
