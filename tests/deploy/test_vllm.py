@@ -220,3 +220,34 @@ def test_overlay_scrapes_the_same_port_and_leaves_the_autoscaler_out(overlay):
     assert [e["path"] for e in monitor["spec"]["endpoints"]] == ["/metrics"]
     assert not [r for r in overlay if r["kind"] == "HorizontalPodAutoscaler"]
     assert "replicas" not in one(overlay, "Deployment")["spec"]
+
+
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+_PARSE = """
+import json, sys
+from vllm.entrypoints.launchers.cli_args import make_arg_parser
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+out = []
+for args in json.loads(sys.argv[1]):
+    a = make_arg_parser(FlexibleArgumentParser()).parse_args(args)
+    out.append({"model": a.model, "port": a.port, "tp": a.tensor_parallel_size, "ext": a.worker_extension_cls})
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not VLLM_PYTHON.exists(), reason=".venv-vllm not set up (bash scripts/setup-vllm.sh)")
+def test_vllms_own_parser_takes_the_image_compose_and_overlay_flags(stacks, overlay):
+    """vLLM's server parser (the .venv-vllm release, the image's pinned one) accepts the image's
+    start command, the compose command and the overlay's args: an unknown flag exits non-zero."""
+    from server.vllm_plugin.endpoint import WORKER_EXTENSION
+
+    entry = df.exec_form(runtime().last("ENTRYPOINT"))[3:]                  # after python3 -m MODULE
+    cmd = df.exec_form(runtime().last("CMD"))
+    (c,) = one(overlay, "Deployment")["spec"]["template"]["spec"]["containers"]
+    lists = [entry + cmd, entry + stacks["vllm"]["services"]["headwise"]["command"], entry + c["args"]]
+    result = run([str(VLLM_PYTHON), "-c", _PARSE, json.dumps(lists)], cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    image, compose, k8s = json.loads(result.stdout.strip().splitlines()[-1])
+    assert image == compose == {"model": "/opt/headwise/cache/default-model", "port": 8000, "tp": 1,
+                                "ext": WORKER_EXTENSION}
+    assert k8s == {**image, "tp": 2}
