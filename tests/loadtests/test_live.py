@@ -68,6 +68,13 @@ def test_report_is_complete_and_agrees_with_the_servers_counters(server, tmp_pat
     for key in ("ttft", "e2e"):
         assert srv["histograms"][key]["sum_s"] <= run["histograms"][key]["sum_s"] + 1e-3, key
     assert "server" in p.stdout and "TTFT" in p.stdout and "n/a" not in p.stdout.split("queue")[0]
+    # the per-head view: each request's rows are its generated tokens (the last prompt position,
+    # then each token fed back), on every (layer, head)
+    heads = srv["heads"]
+    assert heads["telemetry_up"] is None  # headwise serve has no plugin gauge
+    assert {n for row in heads["rows"] for n in row} == {REQUESTS * OUTPUT_LEN}
+    assert 0.0 <= heads["overall_means"]["normalized_entropy"] <= 1.0
+    assert f"{heads['layers']} layers x {heads['heads']} heads" in p.stdout
 
 
 def test_rate_sweep_writes_a_plot_and_a_sweep_table(server, tmp_path):
