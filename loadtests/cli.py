@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import json
 import math
@@ -221,6 +222,11 @@ async def run_all(args: argparse.Namespace, points: list[LoadPoint], prompts: li
                 await run_point(target, warm, LoadPoint(1, None), max_duration=args.max_duration)
             read = args.server_metrics and target.kind in METRICS_KINDS
             before = await server_metrics.scrape(scraper, target.base_url, target.headers) if read else None
+            # vLLM with several API server processes leaves the plugin's per-head families out of
+            # /metrics; its GET /v1/telemetry still has them
+            tele = (await server_metrics.telemetry(scraper, target.base_url, target.headers)
+                    if before is not None and target.kind == "vllm"
+                    and not before.label_values(server_metrics.HEAD_FAMILIES["entropy"] + "_count", "head") else None)
             progress = _Progress(args.progress, len(batch), point.label)
             try:
                 run = await run_point(target, batch, point, max_duration=args.max_duration, seed=args.seed + i,
@@ -230,6 +236,10 @@ async def run_all(args: argparse.Namespace, points: list[LoadPoint], prompts: li
             completed = sum(1 for r in run.requests if r.ok)
             after = await _settled_scrape(scraper, target, before, completed) if before is not None else None
             view = server_metrics.server_view(before, after, target.kind) if before is not None and after is not None else None
+            if view is not None and view.heads is None and tele is not None:
+                tele_after = await server_metrics.telemetry(scraper, target.base_url, target.headers)
+                if tele_after is not None:
+                    view = dataclasses.replace(view, heads=server_metrics.head_view_from_telemetry(tele, tele_after))
             result = PointResult(run=run, summary=summarize(run, bounds, slo, args.percentiles), server=view)
             results.append(result)
             print(table.point_table(result, slo), flush=True)

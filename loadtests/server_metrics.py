@@ -213,6 +213,46 @@ def head_view(before: Snapshot, after: Snapshot) -> HeadView | None:
     return HeadView(layers=layers, heads=heads, rows=rows, means=means, telemetry_up=after.total(TELEMETRY_UP))
 
 
+def head_view_from_telemetry(before: Mapping, after: Mapping) -> HeadView | None:
+    """The same view from two GET /v1/telemetry answers of vLLM's headwise plugin (window "all":
+    per-head counts and means since start; sums are mean x count). For vLLM with several API
+    server processes, whose /metrics leaves the per-head families out."""
+    try:
+        new, old = after["heads"], before["heads"]
+        counts, old_counts = new["counts"], old["counts"]
+        layers, heads = len(counts), len(counts[0]) if counts else 0
+        rows = [[int(counts[l][h]) - int(old_counts[l][h]) for h in range(heads)] for l in range(layers)]
+        means: dict[str, list[list[float | None]]] = {}
+        for stat in HEAD_FAMILIES:
+            grid = []
+            for l in range(layers):
+                row: list[float | None] = []
+                for h in range(heads):
+                    m1, m0 = new[stat][l][h], old[stat][l][h]
+                    s1 = 0.0 if m1 is None else float(m1) * int(counts[l][h])
+                    s0 = 0.0 if m0 is None else float(m0) * int(old_counts[l][h])
+                    row.append((s1 - s0) / rows[l][h] if rows[l][h] > 0 else None)
+                grid.append(row)
+            means[stat] = grid
+        plugin = after.get("plugin") or {}
+        up = None if "up" not in plugin else (1.0 if plugin["up"] else 0.0)
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    if not layers or not heads:
+        return None
+    return HeadView(layers=layers, heads=heads, rows=rows, means=means, telemetry_up=up)
+
+
+async def telemetry(client, base_url: str, headers: Mapping[str, str]) -> dict | None:
+    """GET /v1/telemetry (the vLLM plugin's cumulative per-head view); None when absent."""
+    try:
+        r = await client.get(base_url.rstrip("/") + "/v1/telemetry", headers=dict(headers), timeout=10)
+        data = r.json() if r.status_code == 200 else None
+    except Exception:  # no such route, not JSON: no per-head view from here
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("heads"), dict) else None
+
+
 async def scrape(client, base_url: str, headers: Mapping[str, str]) -> Snapshot | None:
     """GET /metrics; None when the server has none or it does not parse."""
     try:

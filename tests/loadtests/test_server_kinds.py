@@ -146,13 +146,11 @@ def test_a_server_tokenizer_that_works_is_returned_as_is():
 
 
 # ----------------------------------------------------------------------------- detection
-def plugin_metrics(counts: int, scale: float = 1.0, up: bool = True) -> str:
-    """What vLLM's /metrics serves with the headwise plugin: the plugin's collector (export.py)
-    rendered by prometheus_client, on a 2-layer, 3-head model, beside some vllm: families."""
-    from prometheus_client import CollectorRegistry, generate_latest
-
+def plugin_source(counts: int, scale: float = 1.0, up: bool = True):
+    """The plugin's TelemetrySource (export.py) holding merged reports of a 2-layer, 3-head model:
+    layer l has counts * (l + 1) rows per head; head (l, h)'s means are 0.1 * (3l + h + 1) x scale."""
     from server.exposition import ModelDescription
-    from server.vllm_plugin.export import PluginCollector, TelemetrySource
+    from server.vllm_plugin.export import TelemetrySource
     from server.vllm_plugin.snapshot import MergedTelemetry, empty_head_stats
     from server.vllm_plugin.settings import PluginSettings
 
@@ -171,8 +169,18 @@ def plugin_metrics(counts: int, scale: float = 1.0, up: bool = True) -> str:
             hs.sums[layer, head] = scale * n * (0.1 * (layer * 3 + head + 1))  # mean 0.1, 0.2, ... 0.6 (x scale)
     hs = dataclasses.replace(hs, rows=counts * 2)
     source.latest = MergedTelemetry(head_stats=hs, disabled={}, up=up, problem=None if up else "GPU", sample_rate=1.0)
+    return source
+
+
+def plugin_metrics(counts: int, scale: float = 1.0, up: bool = True) -> str:
+    """What vLLM's /metrics serves with the headwise plugin: the plugin's collector (export.py)
+    rendered by prometheus_client, beside some vllm: families."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from server.vllm_plugin.export import PluginCollector
+
     registry = CollectorRegistry()
-    registry.register(PluginCollector(source))
+    registry.register(PluginCollector(plugin_source(counts, scale, up)))
     vllm_lines = ("# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
                   "# TYPE vllm:num_requests_running gauge\n"
                   'vllm:num_requests_running{engine="0",model_name="m"} 0.0\n'
@@ -259,3 +267,36 @@ def test_a_server_without_per_head_families_has_no_head_view():
     text = "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running 0\n"
     snap = server_metrics.parse(text)
     assert server_metrics.server_view(snap, snap, "vllm").heads is None
+
+
+def test_per_head_view_from_the_plugins_telemetry_route_equals_the_metrics_one():
+    """vLLM with several API server processes has no per-head families on /metrics; the
+    plugin's GET /v1/telemetry (endpoint.telemetry_json) gives the same view."""
+    from server.vllm_plugin.endpoint import telemetry_json
+
+    before, after = json.loads(json.dumps(telemetry_json(plugin_source(5)))), \
+        json.loads(json.dumps(telemetry_json(plugin_source(12, scale=1.5))))
+    from_route = server_metrics.head_view_from_telemetry(before, after)
+    from_metrics = server_metrics.head_view(server_metrics.parse(plugin_metrics(5)),
+                                            server_metrics.parse(plugin_metrics(12, scale=1.5)))
+    assert from_route.rows == from_metrics.rows == [[7, 7, 7], [14, 14, 14]]
+    assert from_route.telemetry_up == from_metrics.telemetry_up == 1.0
+    for stat in server_metrics.HEAD_FAMILIES:
+        for got, want in zip(sum(from_route.means[stat], []), sum(from_metrics.means[stat], [])):
+            assert got == pytest.approx(want, rel=1e-9)
+    # (12 * 1.5 - 5) / 7 x the head's base mean: the run's own mean, not the cumulative one
+    assert from_route.means["entropy"][0][0] == pytest.approx(0.1 * (12 * 1.5 - 5) / 7)
+    down = json.loads(json.dumps(telemetry_json(plugin_source(0, up=False))))
+    view = server_metrics.head_view_from_telemetry(down, down)
+    assert view.telemetry_up == 0.0 and view.total_rows == 0
+    assert server_metrics.head_view_from_telemetry({"heads": {}}, {"heads": {}}) is None
+
+
+def test_telemetry_route_reader_tolerates_servers_without_it():
+    async def go(handler):
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as c:
+            return await server_metrics.telemetry(c, "http://test", {})
+
+    assert asyncio.run(go(lambda r: httpx.Response(404))) is None
+    assert asyncio.run(go(lambda r: httpx.Response(200, text="not json"))) is None
+    assert asyncio.run(go(lambda r: httpx.Response(200, json={"heads": {"counts": []}}))) == {"heads": {"counts": []}}
