@@ -55,7 +55,8 @@ def build_backend(name: str, cache: KVCache, device: torch.device, sink_tokens: 
         raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKEND_CHOICES)}")
     cls = BACKENDS[name]
     if not cls.supports(device):
-        raise ValueError(f"attention backend {name!r} does not run on {device}")
+        why = getattr(cls, "unavailable_reason", lambda: None)()
+        raise ValueError(f"attention backend {name!r} does not run on {device}" + (f": {why}" if why else ""))
     return cls(cache, sink_tokens, max_positions)
 
 

@@ -64,6 +64,11 @@ class CpuPagedBackend:
     def supports(device: torch.device) -> bool:
         return torch.device(device).type == "cpu" and load_paged_decode().op is not None
 
+    @staticmethod
+    def unavailable_reason() -> str | None:
+        """Why the C++ op could not be built or loaded, if it could not."""
+        return load_paged_decode().reason
+
     def prepare(self, meta: AttentionMetadata) -> CpuPlan:
         bd, bs = meta.num_decodes, self.cache.block_size
         stats = meta.stats_seqs_cpu.tolist() if meta.stats_seqs_cpu is not None else []

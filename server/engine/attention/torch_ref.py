@@ -79,16 +79,18 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     """
     n, h, _ = q.shape
     c, kvh, _ = k.shape
-    qh = q.transpose(0, 1)                                           # [H, n, D]
-    kh = k.transpose(0, 1).repeat_interleave(h // kvh, dim=0)        # [H, C, D]
-    vh = v.transpose(0, 1).repeat_interleave(h // kvh, dim=0)        # [H, C, D]
+    # a leading batch dim of 1: with 4-D inputs torch's CPU SDPA takes its flash kernel, with
+    # 3-D ones the unfused math path (3x slower on a 256-row chunk over 1,000 keys)
+    qh = q.transpose(0, 1)[None]                                     # [1, H, n, D]
+    kh = k.transpose(0, 1).repeat_interleave(h // kvh, dim=0)[None]  # [1, H, C, D]
+    vh = v.transpose(0, 1).repeat_interleave(h // kvh, dim=0)[None]  # [1, H, C, D]
     if c == n:
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)  # [H, n, D]
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)  # [1, H, n, D]
     else:
         rows = torch.arange(n, device=q.device)[:, None] + (c - n)   # [n, 1] query positions
         mask = torch.arange(c, device=q.device)[None, :] <= rows      # [n, C]
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)  # [H, n, D]
-    return out.transpose(0, 1)                                       # [n, H, D]
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)  # [1, H, n, D]
+    return out[0].transpose(0, 1)                                    # [n, H, D]
 
 
 @dataclass(frozen=True)
