@@ -39,6 +39,14 @@ def run_staggered(engine: Engine, prompts, params_list, arrivals_per_step: int =
     return results
 
 
+@pytest.fixture(params=["fp32", "q4"])
+def tiny_dir(request, tiny_llama_dir, tiny_llama_q4_dir):
+    """Every engine test here on the reference path (a float32 folder: fp32 weights) and on the
+    quantized path (the same model as Q4_1 / Q8_0 blocks: int4 and int8 kernels, bfloat16
+    prefill copies, the fused layer ops)."""
+    return tiny_llama_dir if request.param == "fp32" else tiny_llama_q4_dir
+
+
 def alone(engine: Engine, prompt, params) -> tuple:
     done = engine.generate([prompt], params)[0]
     return done.token_ids, done.finish_reason
@@ -57,15 +65,20 @@ def assert_blocks_all_free(engine: Engine) -> None:
 
 
 @pytest.mark.parametrize("sampling", ["greedy", "seeded"])
-def test_batch_invariance_with_preemption_tiny(tiny_llama_dir, sampling):
+def test_batch_invariance_with_preemption_tiny(tiny_dir, sampling, request):
+    if request.node.callspec.params["tiny_dir"] == "q4":
+        # known and documented (README, "Models"): on the quantized path prefill rows run a dense
+        # bfloat16 GEMM whose last bits move with the chunking, and bfloat16 roundings amplify
+        # them; decodes stay invariant (tests/engine/test_default_model.py). Strict: a pass fails.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="quantized prefill depends on chunking"))
     params = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True) if sampling == "greedy"
               else SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=100 + i, ignore_eos=True)
               for i in range(len(PROMPTS))]
-    solo = tiny_engine(tiny_llama_dir)
+    solo = tiny_engine(tiny_dir)
     expected = [alone(solo, p, sp) for p, sp in zip(PROMPTS, params)]
     # 16 blocks of 16 tokens for 16 sequences of up to ~40 tokens: preemption is certain;
     # a 16-token budget forces chunked prefill mixed with decodes.
-    crowded = tiny_engine(tiny_llama_dir, num_blocks=16, max_num_batched_tokens=16, max_num_seqs=16)
+    crowded = tiny_engine(tiny_dir, num_blocks=16, max_num_batched_tokens=16, max_num_seqs=16)
     got = run_staggered(crowded, PROMPTS, params)
     assert crowded.scheduler.num_preemptions > 0
     for i, exp in enumerate(expected):
@@ -73,8 +86,8 @@ def test_batch_invariance_with_preemption_tiny(tiny_llama_dir, sampling):
     assert_blocks_all_free(crowded)
 
 
-def test_seed_reproducible_and_different_seeds_differ(tiny_llama_dir):
-    engine = tiny_engine(tiny_llama_dir)
+def test_seed_reproducible_and_different_seeds_differ(tiny_dir):
+    engine = tiny_engine(tiny_dir)
     p = SamplingParams(max_tokens=20, temperature=1.0, seed=7, ignore_eos=True)
     a = engine.generate(["Hello"], p)[0].token_ids
     b = engine.generate(["Hello"], p)[0].token_ids
@@ -82,8 +95,8 @@ def test_seed_reproducible_and_different_seeds_differ(tiny_llama_dir):
     assert a == b and a != c
 
 
-def test_abort_returns_blocks_and_spares_others(tiny_llama_dir):
-    engine = tiny_engine(tiny_llama_dir)
+def test_abort_returns_blocks_and_spares_others(tiny_dir):
+    engine = tiny_engine(tiny_dir)
     keep = engine.add_request("The capital of France is", SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
     drop = engine.add_request("Hello world", SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
     for _ in range(5):
@@ -97,13 +110,13 @@ def test_abort_returns_blocks_and_spares_others(tiny_llama_dir):
     assert events[drop].finish_reason is FinishReason.ABORT
     assert events[keep].finish_reason is FinishReason.LENGTH and events[keep].stats.num_output_tokens == 30
     assert_blocks_all_free(engine)
-    ref = tiny_engine(tiny_llama_dir).generate(["The capital of France is"],
+    ref = tiny_engine(tiny_dir).generate(["The capital of France is"],
                                                SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0]
     assert events[keep].stats.num_output_tokens == len(ref.token_ids)
 
 
-def test_abort_while_waiting_and_unknown_id(tiny_llama_dir):
-    engine = tiny_engine(tiny_llama_dir)
+def test_abort_while_waiting_and_unknown_id(tiny_dir):
+    engine = tiny_engine(tiny_dir)
     rid = engine.add_request("Hello", SamplingParams(max_tokens=5))
     engine.abort(rid)
     engine.abort("no-such-request")
@@ -112,8 +125,8 @@ def test_abort_while_waiting_and_unknown_id(tiny_llama_dir):
     assert_blocks_all_free(engine)
 
 
-def test_prefix_cache_hit_gives_identical_output(tiny_llama_dir):
-    engine = tiny_engine(tiny_llama_dir, num_blocks=128, max_model_len=512)
+def test_prefix_cache_hit_gives_identical_output(tiny_dir):
+    engine = tiny_engine(tiny_dir, num_blocks=128, max_model_len=512)
     tok = engine.tokenizer
     prefix = tok.encode("The capital of France is Paris. " * 40)[:300]
     assert len(prefix) == 300
@@ -125,13 +138,13 @@ def test_prefix_cache_hit_gives_identical_output(tiny_llama_dir):
     b_cached = engine.generate([b_ids], p)[0]
     assert engine.block_manager.prefix_hits - hits_before == 288  # 18 full blocks of 16
     assert b_cached.stats.num_cached_tokens == 288
-    fresh = tiny_engine(tiny_llama_dir, num_blocks=128, max_model_len=512)
+    fresh = tiny_engine(tiny_dir, num_blocks=128, max_model_len=512)
     assert fresh.generate([b_ids], p)[0].token_ids == b_cached.token_ids
     assert_blocks_all_free(engine)
 
 
-def test_stop_conditions(tiny_llama_dir):
-    engine = tiny_engine(tiny_llama_dir)
+def test_stop_conditions(tiny_dir):
+    engine = tiny_engine(tiny_dir)
     base = engine.generate(["Hello world"], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
     stop_tok = base.token_ids[5]
     first = base.token_ids.index(stop_tok)
@@ -148,8 +161,8 @@ def test_stop_conditions(tiny_llama_dir):
         assert r.finish_reason is FinishReason.STOP and r.stop_reason == needle and needle not in r.text
 
 
-def test_logprobs_returned(tiny_llama_dir):
-    engine = tiny_engine(tiny_llama_dir)
+def test_logprobs_returned(tiny_dir):
+    engine = tiny_engine(tiny_dir)
     r = engine.generate(["Hello"], SamplingParams(max_tokens=4, temperature=0, logprobs=3, ignore_eos=True))[0]
     assert len(r.logprobs) == 4
     for tok, lp in zip(r.token_ids, r.logprobs):
@@ -162,8 +175,8 @@ def test_logprobs_returned(tiny_llama_dir):
     ("", SamplingParams(), InvalidRequestError),
     ([10**9], SamplingParams(), InvalidRequestError),
 ])
-def test_bad_requests_rejected_before_scheduling(tiny_llama_dir, prompt, params, exc):
-    engine = tiny_engine(tiny_llama_dir)
+def test_bad_requests_rejected_before_scheduling(tiny_dir, prompt, params, exc):
+    engine = tiny_engine(tiny_dir)
     with pytest.raises(exc):
         engine.add_request(prompt, params)
     assert not engine.has_unfinished()
@@ -177,12 +190,12 @@ def test_bad_sampling_params(kwargs):
         SamplingParams(**kwargs)
 
 
-def test_background_loop_sync_and_async_streams(tiny_llama_dir):
-    engine = tiny_engine(tiny_llama_dir)
+def test_background_loop_sync_and_async_streams(tiny_dir):
+    engine = tiny_engine(tiny_dir)
     engine.start()
     try:
         p = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-        expected = tiny_engine(tiny_llama_dir).generate(["Hello"], p)[0].token_ids
+        expected = tiny_engine(tiny_dir).generate(["Hello"], p)[0].token_ids
 
         def sync_read(out):
             out.extend(t for ev in engine.stream(engine.add_request("Hello", p)) for t in ev.token_ids)
@@ -210,14 +223,14 @@ def test_background_loop_sync_and_async_streams(tiny_llama_dir):
         engine.shutdown()
 
 
-def test_a_step_that_fails_is_pinned_on_its_request(tiny_llama_dir, monkeypatch):
+def test_a_step_that_fails_is_pinned_on_its_request(tiny_dir, monkeypatch):
     """A step fails whenever one poisoned request is in it: that request alone ends (with an error
     of its own, not the exception's text); its neighbours finish with the output they have alone."""
     prompts = ["Hello world", "The capital of France", "Attention heads look back", "A quick brown fox"]
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    solo = tiny_engine(tiny_llama_dir)
+    solo = tiny_engine(tiny_dir)
     expected = [alone(solo, p, params) for p in prompts]
-    engine = tiny_engine(tiny_llama_dir)
+    engine = tiny_engine(tiny_dir)
     real = engine.runner.execute
     calls = {"n": 0}
 
@@ -239,8 +252,8 @@ def test_a_step_that_fails_is_pinned_on_its_request(tiny_llama_dir, monkeypatch)
     assert_blocks_all_free(engine)
 
 
-def test_a_failing_step_error_names_no_internals(tiny_llama_dir, monkeypatch):
-    engine = tiny_engine(tiny_llama_dir)
+def test_a_failing_step_error_names_no_internals(tiny_dir, monkeypatch):
+    engine = tiny_engine(tiny_dir)
     monkeypatch.setattr(engine.runner, "execute", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("/secret/path")))
     rid = engine.add_request("Hello", SamplingParams(max_tokens=5, temperature=0))
     events = list(engine.stream(rid))
@@ -249,8 +262,8 @@ def test_a_failing_step_error_names_no_internals(tiny_llama_dir, monkeypatch):
     assert_blocks_all_free(engine)
 
 
-def test_request_telemetry_rows_and_sample_rate(tiny_llama_dir):
-    engine = tiny_engine(tiny_llama_dir)
+def test_request_telemetry_rows_and_sample_rate(tiny_dir):
+    engine = tiny_engine(tiny_dir)
     r = engine.generate(["Hello world"], SamplingParams(max_tokens=9, temperature=0, ignore_eos=True,
                                                        head_telemetry=True))[0]
     t = r.head_telemetry
@@ -258,22 +271,22 @@ def test_request_telemetry_rows_and_sample_rate(tiny_llama_dir):
     assert len(t.entropy) == 3 and all(len(row) == 4 for row in t.entropy)
     snap = engine.head_stats_snapshot()
     assert int(snap.counts[0, 0]) == 9 and int(snap.histogram.sum()) == 9 * 3 * 4
-    half = Engine(EngineConfig(model=tiny_llama_dir, cache=CacheConfig(num_blocks=64),
+    half = Engine(EngineConfig(model=tiny_dir, cache=CacheConfig(num_blocks=64),
                                scheduler=SchedulerConfig(max_model_len=256),
                                telemetry=TelemetryConfig(sample_rate=0.5)))
     r = half.generate(["Hello world"], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True,
                                                      head_telemetry=True))[0]
     assert r.head_telemetry.rows == 5
-    off = Engine(EngineConfig(model=tiny_llama_dir, cache=CacheConfig(num_blocks=64),
+    off = Engine(EngineConfig(model=tiny_dir, cache=CacheConfig(num_blocks=64),
                               scheduler=SchedulerConfig(max_model_len=256), telemetry=TelemetryConfig(enabled=False)))
     r = off.generate(["Hello world"], SamplingParams(max_tokens=4, temperature=0, head_telemetry=True))[0]
     assert r.head_telemetry.rows == 0
 
 
-def test_telemetry_never_changes_what_is_generated(tiny_llama_dir):
+def test_telemetry_never_changes_what_is_generated(tiny_dir):
     """Same tokens and the same logprobs, bit for bit, with telemetry on, off and sampled."""
     def run(**telemetry):
-        engine = Engine(EngineConfig(model=tiny_llama_dir, cache=CacheConfig(num_blocks=128),
+        engine = Engine(EngineConfig(model=tiny_dir, cache=CacheConfig(num_blocks=128),
                                      scheduler=SchedulerConfig(max_model_len=256),
                                      telemetry=TelemetryConfig(**telemetry)))
         params = [SamplingParams(max_tokens=20, temperature=t, seed=i, logprobs=1, ignore_eos=True)
@@ -285,9 +298,9 @@ def test_telemetry_never_changes_what_is_generated(tiny_llama_dir):
     assert run(sample_rate=0.5) == on
 
 
-def test_stale_cache_contents_never_leak(tiny_llama_dir):
+def test_stale_cache_contents_never_leak(tiny_dir):
     """Whatever freed blocks hold (here NaN everywhere), a new request reads only its own K/V."""
-    engine = tiny_engine(tiny_llama_dir)
+    engine = tiny_engine(tiny_dir)
     prompts = ["The capital of France is", "Hello", "A quick brown fox jumps"]
     p = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     expected = [c.token_ids for c in engine.generate(prompts, p)]
@@ -299,8 +312,8 @@ def test_stale_cache_contents_never_leak(tiny_llama_dir):
     assert [c.token_ids for c in engine.generate(prompts, p)] == expected
 
 
-def test_one_request_can_fill_the_whole_context_window(tiny_llama_dir):
-    engine = Engine(EngineConfig(model=tiny_llama_dir, cache=CacheConfig(num_blocks=128)))  # 2048 tokens
+def test_one_request_can_fill_the_whole_context_window(tiny_dir):
+    engine = Engine(EngineConfig(model=tiny_dir, cache=CacheConfig(num_blocks=128)))  # 2048 tokens
     assert engine.max_model_len == 2048
     prompt = [(7 * i) % 300 + 3 for i in range(2040)]
     done = engine.generate([prompt], SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))[0]
@@ -308,10 +321,10 @@ def test_one_request_can_fill_the_whole_context_window(tiny_llama_dir):
     assert_blocks_all_free(engine)
 
 
-def test_stop_string_before_min_tokens_is_ignored_not_an_error(tiny_llama_dir):
+def test_stop_string_before_min_tokens_is_ignored_not_an_error(tiny_dir):
     """A stop string that appears before min_tokens are out neither ends nor fails the request;
     one that appears after does end it."""
-    engine = tiny_engine(tiny_llama_dir)
+    engine = tiny_engine(tiny_dir)
     base = engine.generate(["Hello world"], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0]
     early = engine.tokenizer.decode(list(base.token_ids[:2]))
     assert early.strip(), "the tiny model's first tokens decode to text"
@@ -326,10 +339,10 @@ def test_stop_string_before_min_tokens_is_ignored_not_an_error(tiny_llama_dir):
 
 
 @pytest.mark.parametrize("their_max_tokens", [40, 200])
-def test_a_small_request_waits_one_step_behind_long_ones(tiny_llama_dir, their_max_tokens):
+def test_a_small_request_waits_one_step_behind_long_ones(tiny_dir, their_max_tokens):
     """Half the batch (the API's per-request cap) generating long outputs: a newcomer is admitted
     at the next step and finishes within its own few steps, whatever their max_tokens."""
-    engine = tiny_engine(tiny_llama_dir, max_num_seqs=16)
+    engine = tiny_engine(tiny_dir, max_num_seqs=16)
     long = SamplingParams(max_tokens=their_max_tokens, temperature=0, ignore_eos=True)
     for i in range(8):
         engine.add_request(PROMPTS[i], long)
@@ -346,22 +359,22 @@ def test_a_small_request_waits_one_step_behind_long_ones(tiny_llama_dir, their_m
         engine.step()
 
 
-def test_stop_token_ids_outside_the_vocabulary_are_refused(tiny_llama_dir):
-    engine = tiny_engine(tiny_llama_dir)
+def test_stop_token_ids_outside_the_vocabulary_are_refused(tiny_dir):
+    engine = tiny_engine(tiny_dir)
     vocab = engine.model_config.vocab_size
     with pytest.raises(InvalidRequestError, match=rf"stop_token_ids: token ids must be in \[0, {vocab}\)"):
         engine.add_request("Hi", SamplingParams(max_tokens=5, min_tokens=2, stop_token_ids=(2147483647,)))
     assert not engine.has_unfinished()
 
 
-def test_non_finite_logits_end_only_their_request(tiny_llama_dir, monkeypatch):
+def test_non_finite_logits_end_only_their_request(tiny_dir, monkeypatch):
     """The model gives NaN for one request's row: that request ends with its own error and a
     counted reason, its neighbour goes on with its solo output."""
     from server.engine import runner as runner_mod
 
-    engine = tiny_engine(tiny_llama_dir)
+    engine = tiny_engine(tiny_dir)
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    expected = alone(tiny_engine(tiny_llama_dir), "Hello world", params)
+    expected = alone(tiny_engine(tiny_dir), "Hello world", params)
     real_sample = runner_mod.sample
 
     def poisoning(logits, rows, allowed=None):
