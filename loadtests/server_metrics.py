@@ -13,11 +13,11 @@ Only prometheus_client's text parser is used; nothing is registered.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from loadtests.stats import Histogram
+from server.latency import Histogram
+from server.samples import Snapshot, counter_delta, histogram_delta  # noqa: F401 (re-exported)
 
 HISTOGRAMS = {  # report key -> histogram family
     "ttft": "headwise_time_to_first_token_seconds",
@@ -57,25 +57,6 @@ def family(name: str, kind: str) -> str:
     if kind != "vllm":
         return name
     return VLLM_NAMES.get(name, "vllm:" + name.removeprefix("headwise_"))
-
-
-Labels = tuple[tuple[str, str], ...]
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """Every sample of one scrape: (sample name, sorted labels) -> value."""
-
-    samples: Mapping[tuple[str, Labels], float]
-
-    def total(self, name: str, where: Mapping[str, str] | None = None) -> float | None:
-        """Sum of a sample name over label sets (matching `where`); None if absent."""
-        values = [v for (n, labels), v in self.samples.items()
-                  if n == name and all(dict(labels).get(k) == w for k, w in (where or {}).items())]
-        return sum(values) if values else None
-
-    def label_values(self, name: str, label: str) -> set[str]:
-        return {dict(labels)[label] for (n, labels) in self.samples if n == name and label in dict(labels)}
 
 
 @dataclass(frozen=True)
@@ -122,41 +103,7 @@ class ServerView:
 def parse(text: str) -> Snapshot:
     from prometheus_client.parser import text_string_to_metric_families
 
-    samples: dict[tuple[str, Labels], float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return Snapshot(samples)
-
-
-def histogram_of(snap: Snapshot, family: str) -> Histogram | None:
-    """A histogram family summed over its label sets (other than le)."""
-    bucket = family + "_bucket"
-    les = snap.label_values(bucket, "le")
-    if not les:
-        return None
-    bounds = sorted(float(le) for le in les if not math.isinf(float(le)))
-    by_le = {float(le): le for le in les}
-    cumulative = [snap.total(bucket, {"le": by_le[b]}) or 0.0 for b in bounds]
-    cumulative.append(snap.total(bucket, {"le": by_le.get(math.inf, "+Inf")}) or 0.0)
-    return Histogram(bounds=tuple(bounds), cumulative=tuple(int(round(c)) for c in cumulative),
-                     sum=snap.total(family + "_sum") or 0.0, count=int(round(snap.total(family + "_count") or 0)))
-
-
-def histogram_delta(before: Snapshot, after: Snapshot, family: str) -> Histogram | None:
-    new = histogram_of(after, family)
-    if new is None:
-        return None
-    old = histogram_of(before, family)
-    if old is None or old.bounds != new.bounds:
-        return new
-    return Histogram(bounds=new.bounds, cumulative=tuple(a - b for a, b in zip(new.cumulative, old.cumulative)),
-                     sum=new.sum - old.sum, count=new.count - old.count)
-
-
-def counter_delta(before: Snapshot, after: Snapshot, name: str, where: Mapping[str, str] | None = None) -> float | None:
-    new = after.total(name, where)
-    return None if new is None else new - (before.total(name, where) or 0.0)
+    return Snapshot.of(text_string_to_metric_families(text))
 
 
 def server_view(before: Snapshot, after: Snapshot, kind: str = "headwise") -> ServerView:

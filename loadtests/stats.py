@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from loadtests.records import Chunk, RequestRecord, RunRecord
-from server.latency import percentile
+from server.latency import Histogram, histogram_quantile, percentile  # noqa: F401 (re-exported)
 
 PERCENTILES = (50.0, 90.0, 99.0)
 METRICS = ("ttft", "tpot", "itl", "e2e")  # the latency distributions, in this order everywhere
@@ -51,16 +51,6 @@ class Distribution:
     @property
     def median(self) -> float | None:
         return self.percentiles.get(50.0)
-
-
-@dataclass(frozen=True)
-class Histogram:
-    """Prometheus-style: cumulative[i] counts observations <= bounds[i]; the last entry is +Inf."""
-
-    bounds: tuple[float, ...]
-    cumulative: tuple[int, ...]  # len(bounds) + 1
-    sum: float
-    count: int
 
 
 @dataclass(frozen=True)
@@ -161,23 +151,6 @@ def histogram(values: Iterable[float], bounds: Sequence[float]) -> Histogram:
         running += c
         cumulative.append(running)
     return Histogram(bounds=ordered_bounds, cumulative=tuple(cumulative), sum=total, count=n)
-
-
-def histogram_quantile(q: float, hist: Histogram) -> float | None:
-    """Prometheus's histogram_quantile (q in [0, 1]): linear within the bucket holding rank q*count;
-    the first bucket's lower edge is 0; a rank in the +Inf bucket answers the highest bound."""
-    if hist.count == 0:
-        return None
-    rank = q * hist.count
-    for i, upper in enumerate(hist.bounds):
-        if hist.cumulative[i] >= rank:
-            below = hist.cumulative[i - 1] if i else 0
-            lower = hist.bounds[i - 1] if i else 0.0
-            in_bucket = hist.cumulative[i] - below
-            if in_bucket == 0:
-                return upper
-            return lower + (upper - lower) * (rank - below) / in_bucket
-    return hist.bounds[-1] if hist.bounds else None
 
 
 # ----------------------------------------------------------------------------- whole run

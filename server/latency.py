@@ -1,5 +1,5 @@
-"""Latency vocabulary shared by the server and the load-test client: histogram boundaries and
-the one percentile.
+"""Latency vocabulary shared by the server and the load-test client: histogram boundaries, the
+one percentile, and Prometheus-style histograms with histogram_quantile.
 
 Pure Python with no imports of ours or of third parties, so that the load-test client
 (loadtests/) bins its own observations exactly as the server's /metrics does (server/metrics.py)
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 # Time to first token (seconds): from a millisecond on a GPU to minutes on a loaded CPU.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
@@ -57,3 +58,30 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     lo = math.floor(position)
     hi = min(lo + 1, len(sorted_values) - 1)
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (position - lo)
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Prometheus-style: cumulative[i] counts observations <= bounds[i]; the last entry is +Inf."""
+
+    bounds: tuple[float, ...]
+    cumulative: tuple[int, ...]  # len(bounds) + 1
+    sum: float
+    count: int
+
+
+def histogram_quantile(q: float, hist: Histogram) -> float | None:
+    """Prometheus's histogram_quantile (q in [0, 1]): linear within the bucket holding rank q*count;
+    the first bucket's lower edge is 0; a rank in the +Inf bucket answers the highest bound."""
+    if hist.count == 0:
+        return None
+    rank = q * hist.count
+    for i, upper in enumerate(hist.bounds):
+        if hist.cumulative[i] >= rank:
+            below = hist.cumulative[i - 1] if i else 0
+            lower = hist.bounds[i - 1] if i else 0.0
+            in_bucket = hist.cumulative[i] - below
+            if in_bucket == 0:
+                return upper
+            return lower + (upper - lower) * (rank - below) / in_bucket
+    return hist.bounds[-1] if hist.bounds else None
