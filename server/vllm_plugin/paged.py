@@ -1,11 +1,14 @@
 """Telemetry accumulators of query rows over vLLM's paged K cache (pure torch, no vLLM import).
 
-vLLM's CPU_ATTN cache of one layer is [num_blocks, num_kv_heads, block_size, 2 * head_dim]: per
-(block, KV head), block_size * head_dim key elements then as many value elements. With the "vec"
-ISA (AVX-512 / AVX2 machines, any dtype but bf16-with-AMX) the key part of a block is stored
-column-major, [head_dim, block_size], so a block's keys are already laid out as K^T and the score
-matmul needs no transpose. Other ISAs (amx, vec16, neon, fp8) pack keys differently; the caller
-turns telemetry off for those (server/vllm_plugin/layer.py).
+Two cache layouts are read, both [num_blocks, num_kv_heads, block_size, 2 * head_dim] logically:
+- vLLM's CPU_ATTN cache with the "vec" ISA (AVX-512 / AVX2 machines, any dtype but
+  bf16-with-AMX): per (block, KV head), block_size * head_dim key elements stored column-major,
+  [head_dim, block_size], then as many value elements; a block's keys are already K^T
+  (vec_key_blocks). Other ISAs (amx, vec16, neon, fp8) pack keys differently; the caller turns
+  telemetry off for those (server/vllm_plugin/layer.py).
+- FLASH_ATTN's and TRITON_ATTN's cache (GPUs): element [b, h, j, :head_dim] is the key of slot j
+  (the values follow in [head_dim:]); the physical strides may be NHD, the view handles them
+  (split_key_blocks).
 
 The accumulators are the ones of server/engine/attention/torch_ref.py (a flash-style kernel with
 one tile): m = max s, e_j = exp(s_j - m) with masked keys given a large finite score (e_j is then
@@ -37,6 +40,15 @@ def vec_key_blocks(kv_cache: torch.Tensor) -> torch.Tensor:
     halves = kv_cache.view(nb, kvh, 2 * bs, d)                       # [NB, KVH, 2 BS, D]
     keys = halves[:, :, :bs]                                         # [NB, KVH, BS, D] memory of [D, BS]
     return keys.view(nb, kvh, d, bs)                                 # [NB, KVH, D, BS]
+
+
+def split_key_blocks(kv_cache: torch.Tensor) -> torch.Tensor:
+    """The key half of a FLASH_ATTN / TRITON_ATTN cache as K^T blocks (a view, no copy).
+
+    kv_cache [NB, KVH, BS, 2 * D] (any strides) -> [NB, KVH, D, BS].
+    """
+    d = kv_cache.shape[-1] // 2
+    return kv_cache[..., :d].transpose(2, 3)                         # [NB, KVH, D, BS]
 
 
 @dataclass(frozen=True)
@@ -120,10 +132,10 @@ def row_accumulators(q: torch.Tensor, key_blocks: torch.Tensor, step: StepRows, 
     return acc.reshape(r, h, NUM_ACCUMULATORS)                       # [R, H, 4]
 
 
-def weight_table(n: int, sink_tokens: int) -> torch.Tensor:
-    """[n, 3]: a column of ones (for l), then key_weights(n, sink_tokens)."""
-    kw = key_weights(n, sink_tokens)                                 # [n, 2]
-    return torch.cat([torch.ones(n, 1), kw], dim=-1)                 # [n, 3]
+def weight_table(n: int, sink_tokens: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[n, 3] on device: a column of ones (for l), then key_weights(n, sink_tokens)."""
+    kw = key_weights(n, sink_tokens, device)                         # [n, 2]
+    return torch.cat([torch.ones(n, 1, device=device), kw], dim=-1)  # [n, 3]
 
 
 class StepSampler:

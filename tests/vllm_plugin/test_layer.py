@@ -11,7 +11,7 @@ import torch
 
 from server.vllm_plugin.layer import FLUSH_EVERY, AttentionFeatures, LayerSpec, LayerTelemetry
 from server.vllm_plugin.settings import SAMPLE_RATE_ENV, PluginSettings
-from tests.vllm_plugin.test_paged import BS, D, H, KVH, paged_cache, reference
+from tests.vllm_plugin.paged_fixtures import BS, D, H, KVH, paged_cache, reference
 
 SPEC = LayerSpec(num_heads=H, num_kv_heads=KVH, head_dim=D, scale=1 / math.sqrt(D))
 
@@ -71,6 +71,8 @@ def test_sample_rate_zero_records_nothing_and_half_records_every_other_step():
     (AttentionFeatures(softcap=30.0), "softcap"),
     (AttentionFeatures(kv_cache_dtype="fp8_e4m3"), "kv_cache_dtype_fp8_e4m3"),
     (AttentionFeatures(decoder=False), "not_decoder_attention"),
+    (AttentionFeatures(kv_cache_dtype="int8_per_token_head"), "kv_cache_dtype_int8_per_token_head"),
+    (AttentionFeatures(chunk_lookback=8192), "chunked_local_attention"),
 ])
 def test_unsupported_configuration_turns_the_layer_off_with_one_warning(features, reason, caplog):
     lt = LayerTelemetry(SPEC, features, PluginSettings(sample_rate=1.0))
@@ -85,9 +87,11 @@ def test_unsupported_configuration_turns_the_layer_off_with_one_warning(features
 
 def test_unsupported_defaults_are_supported():
     assert AttentionFeatures(sliding_window=-1, softcap=0).unsupported_reason() is None
+    for plain in ("auto", "bfloat16", "float16", "float32"):      # unquantized caches store keys as they are
+        assert AttentionFeatures(kv_cache_dtype=plain).unsupported_reason() is None
 
 
-@pytest.mark.parametrize("isa", ["amx", "vec16", "neon", None])
+@pytest.mark.parametrize("isa", ["amx", "vec16", "neon", "hnd", None])
 def test_an_unknown_kv_layout_turns_the_layer_off(isa):
     lt = LayerTelemetry(SPEC, AttentionFeatures(), PluginSettings(sample_rate=1.0))
     keys, q, cache, m = step([5])

@@ -9,47 +9,9 @@ import pytest
 import torch
 
 from server.engine.telemetry import finalize_stats
-from server.vllm_plugin.paged import (StepSampler, row_accumulators, shared_step_rows, step_rows, telemetry_queries,
-                                      vec_key_blocks, weight_table)
-
-BS, KVH, H, D = 32, 3, 9, 64
-
-
-def paged_cache(keys: list[torch.Tensor], num_blocks: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write each sequence's keys [n, KVH, D] into a [NB, KVH, BS, 2 D] cache the way vLLM's
-    cpu_attn_reshape_and_cache does for the vec ISA (K^T per block), on shuffled blocks.
-    Returns (kv_cache, block_table [B, max_blocks] int32). Unused slots hold garbage."""
-    g = torch.Generator().manual_seed(seed)
-    cache = torch.randn(num_blocks, KVH, BS, 2 * D, generator=g) * 50    # garbage everywhere
-    width = max(-(-k.shape[0] // BS) for k in keys)
-    order = torch.randperm(num_blocks, generator=g)
-    table = torch.zeros(len(keys), width + 2, dtype=torch.int32)
-    flat = cache.view(num_blocks, KVH, 2 * BS * D)
-    used = 0
-    for b, k in enumerate(keys):
-        for w in range(-(-k.shape[0] // BS)):
-            blk = int(order[used])
-            used += 1
-            table[b, w] = blk
-            chunk = k[w * BS:(w + 1) * BS]                                 # [<=BS, KVH, D]
-            kt = flat[blk, :, :BS * D].view(KVH, D, BS)                     # column-major K block
-            kt[:, :, :chunk.shape[0]] = chunk.permute(1, 2, 0)
-    return cache, table
-
-
-def reference(q: torch.Tensor, k: torch.Tensor, sink: int = 4) -> torch.Tensor:
-    """float64 statistics of one row: q [H, D], k [n, KVH, D] -> [H, 5] in STAT_NAMES order."""
-    q, k = q.double(), k.double()
-    n = k.shape[0]
-    kk = k.repeat_interleave(H // KVH, dim=1)                              # [n, H, D]
-    s = torch.einsum("hd,nhd->hn", q, kk) / math.sqrt(D)                   # [H, n]
-    p = torch.softmax(s, dim=-1)                                           # [H, n]
-    ent = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)                    # [H]
-    norm = ent / math.log(n) if n > 1 else torch.zeros_like(ent)
-    i = n - 1
-    pos = torch.arange(n, dtype=torch.float64)
-    look = (i - (p * pos).sum(-1)) / i if i > 0 else torch.zeros_like(ent)
-    return torch.stack([ent, norm, p.amax(-1), p[:, :sink].sum(-1), look], dim=-1)
+from server.vllm_plugin.paged import (StepSampler, row_accumulators, shared_step_rows, split_key_blocks, step_rows,
+                                      telemetry_queries, vec_key_blocks, weight_table)
+from tests.vllm_plugin.paged_fixtures import BS, D, H, KVH, paged_cache, reference
 
 
 @pytest.mark.parametrize("lens", [[1, 2, 31, 32, 33, 100], [257], [5, 64, 64, 97], [40, 40]])
@@ -84,6 +46,31 @@ def test_vec_key_blocks_is_a_view_of_the_key_half():
     assert kb.shape == (2, KVH, D, BS) and kb.data_ptr() == cache.data_ptr()
     # element [b, h, d, j] is at offset d * BS + j inside the (b, h) region, before the values
     assert kb[1, 2, 3, 5] == cache.view(2, KVH, -1)[1, 2, 3 * BS + 5]
+
+
+def test_split_key_blocks_reads_the_gpu_layout_with_nhd_strides():
+    """FLASH_ATTN / TRITON_ATTN: [NB, KVH, BS, 2 D] logical, keys in [..., :D]; vLLM may allocate
+    it NHD ([NB, BS, KVH, 2 D] in memory). The K^T view reads the same keys either way, and the
+    accumulators over it equal float64."""
+    g = torch.Generator().manual_seed(5)
+    lens = [3, 33, 64]
+    keys = [torch.randn(n, KVH, D, generator=g) * 2 for n in lens]
+    for cache in (torch.randn(12, KVH, BS, 2 * D, generator=g),
+                  torch.randn(12, BS, KVH, 2 * D, generator=g).permute(0, 2, 1, 3)):  # [NB, KVH, BS, 2 D]
+        table = torch.tensor([[0, 11, 0], [5, 2, 0], [7, 9, 0]], dtype=torch.int32)
+        for b, k in enumerate(keys):
+            for w in range(-(-k.shape[0] // BS)):
+                chunk = k[w * BS:(w + 1) * BS]                                    # [<=BS, KVH, D]
+                cache[int(table[b, w]), :, :chunk.shape[0], :D] = chunk.permute(1, 0, 2)
+        kb = split_key_blocks(cache)                                              # [NB, KVH, D, BS]
+        assert kb.shape == (12, KVH, D, BS) and kb.data_ptr() == cache.data_ptr()
+        assert torch.equal(kb[5, 1, :, 0], keys[1][0, 1])
+        q = torch.randn(3, H, D, generator=g)
+        ctx = torch.tensor(lens)
+        step = step_rows(torch.arange(4), ctx, table, BS)
+        got = finalize_stats(row_accumulators(q, kb, step, 1 / math.sqrt(D), weight_table(64, 4)), ctx).double()
+        want = torch.stack([reference(q[b], keys[b]) for b in range(3)])
+        assert torch.allclose(got, want, atol=2e-5, rtol=1e-5), (got - want).abs().amax()
 
 
 def test_step_rows_take_each_sequences_last_row_and_skip_padding():
