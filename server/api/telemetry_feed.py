@@ -20,42 +20,16 @@ prometheus_client here: the feed returns plain JSON-ready dicts.
 from __future__ import annotations
 
 import dataclasses
-import math
 import threading
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-import torch
-
 from server.api.streaming import telemetry_json
-from server.engine.telemetry import STAT_NAMES
 from server.latency import percentile
-
-WINDOWS: dict[str, float | None] = {"1m": 60.0, "5m": 300.0, "all": None}
-PERCENTILES = (50, 90, 95, 99)
-LATENCIES = ("time_to_first_token", "inter_token_latency", "e2e_request_latency", "queue_time")
-
-
-class UnknownWindowError(ValueError):
-    """The window is not one of WINDOWS."""
-
-
-@dataclass(frozen=True)
-class _Snapshot:
-    """The engine's cumulative counters at time t (monotonic seconds)."""
-
-    t: float
-    sums: torch.Tensor      # [L, H, NUM_STATS] float64
-    counts: torch.Tensor    # [L, H] int64
-    generation_tokens: int
-    prompt_tokens: int
-    preemptions: int
-    finished: int
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
+from server.telemetry_window import (LATENCIES, PERCENTILES, Point, UnknownWindowError,  # noqa: F401 (raised here)
+                                     baseline, head_means, latency_json, num, series, throughput, window_length)
 
 
 @dataclass(frozen=True)
@@ -64,19 +38,6 @@ class _Recent:
 
     summary: dict
     head: object | None
-
-
-def _num(x: float | None, digits: int = 6) -> float | None:
-    """A JSON-safe number: None for missing or non-finite values."""
-    if x is None or not math.isfinite(x):
-        return None
-    return round(float(x), digits)
-
-
-def _grid(values: torch.Tensor, valid: torch.Tensor) -> list[list[float | None]]:
-    """[L, H] tensor -> L x H nested lists, None where a head has no rows."""
-    return [[_num(v) if ok else None for v, ok in zip(row, okrow)]
-            for row, okrow in zip(values.tolist(), valid.tolist())]
 
 
 class TelemetryFeed:
@@ -96,7 +57,7 @@ class TelemetryFeed:
         self._clock = clock
         self._wall = wall
         self._lock = threading.Lock()
-        self._ring: deque[_Snapshot] = deque(maxlen=history)
+        self._ring: deque[Point] = deque(maxlen=history)
         self._samples: dict[str, deque[tuple[float, float]]] = {k: deque(maxlen=max_samples) for k in LATENCIES}
         self._recent: OrderedDict[str, _Recent] = OrderedDict()
         self.max_recent = recent
@@ -115,10 +76,10 @@ class TelemetryFeed:
                 "max_model_len": self.engine.max_model_len, "block_size": self.engine.config.cache.block_size}
 
     # -- engine thread ----------------------------------------------------------------------
-    def _take(self, now: float) -> _Snapshot:
+    def _take(self, now: float) -> Point:
         head = self.engine.head_stats_snapshot()
         st = self.engine.stats()
-        return _Snapshot(now, head.sums, head.counts, st.generation_tokens, st.prompt_tokens, st.num_preemptions,
+        return Point(now, head.sums, head.counts, st.generation_tokens, st.prompt_tokens, st.num_preemptions,
                          self._finished, st.num_running, st.num_waiting, st.kv_cache_usage)
 
     def _record(self, now: float, burst_ended: bool, step_start: float | None = None) -> None:
@@ -159,13 +120,13 @@ class TelemetryFeed:
     def _remember(self, fin, reason: str) -> None:
         st, head = fin.stats, fin.head_telemetry
         summary = {
-            "id": fin.request_id, "finish_reason": reason, "finished_at": _num(self._wall(), 3),
+            "id": fin.request_id, "finish_reason": reason, "finished_at": num(self._wall(), 3),
             "prompt_tokens": st.num_prompt_tokens, "output_tokens": st.num_output_tokens,
             "cached_tokens": st.num_cached_tokens, "preemptions": st.num_preemptions,
-            "queue_time": _num(st.queue_time), "time_to_first_token": _num(st.time_to_first_token),
-            "e2e_request_latency": _num(st.e2e_latency), "decode_tokens_per_s": _num(st.decode_tokens_per_s, 3),
+            "queue_time": num(st.queue_time), "time_to_first_token": num(st.time_to_first_token),
+            "e2e_request_latency": num(st.e2e_latency), "decode_tokens_per_s": num(st.decode_tokens_per_s, 3),
             "telemetry_rows": head.rows if head is not None else 0,
-            "mean_normalized_entropy": (_num(sum(map(sum, head.normalized_entropy)) / (head.layers * head.heads))
+            "mean_normalized_entropy": (num(sum(map(sum, head.normalized_entropy)) / (head.layers * head.heads))
                                         if head is not None else None),
         }
         self._recent[fin.request_id] = _Recent(summary, head)
@@ -174,54 +135,30 @@ class TelemetryFeed:
             self._recent.popitem(last=False)
 
     # -- readers (event loop) ---------------------------------------------------------------
-    def _baseline(self, start: float | None) -> tuple[_Snapshot, float]:
-        """The newest snapshot at or before `start` (the oldest kept when none is that old), and
-        the time the window's counters start from: `start` itself when the engine provably did
-        nothing between that snapshot and `start` (the next snapshot holds the same counters)."""
-        if start is None:
-            return self._ring[0], self._ring[0].t
-        base, after = self._ring[0], None
-        for snap in self._ring:
-            if snap.t > start:
-                after = snap
-                break
-            base = snap
-        unchanged = (after is not None and after.finished == base.finished
-                     and after.generation_tokens == base.generation_tokens and after.prompt_tokens == base.prompt_tokens
-                     and torch.equal(after.counts, base.counts))
-        return base, (max(base.t, start) if unchanged else base.t)
-
     def snapshot(self, window: str = "1m", recent: int = 20) -> dict:
         """Everything the dashboard shows, over `window` (one of WINDOWS). Raises UnknownWindowError."""
-        if window not in WINDOWS:
-            raise UnknownWindowError(f"unknown window {window!r}; use one of {', '.join(WINDOWS)}")
-        length = WINDOWS[window]
+        length = window_length(window)
         now = self._clock()
         start = None if length is None else now - length
         with self._lock:
             self._record(now, burst_ended=False)
             current = self._take(now)
-            base, since = self._baseline(start)
-            series = [p for p in self._ring if p.t >= base.t]
+            base, since = baseline(self._ring, start)
+            points = [p for p in self._ring if p.t >= base.t]
             samples = {k: list(v) for k, v in self._samples.items()}  # sorted outside the lock
             finish_reasons = dict(self._finish_reasons)
             requests = [r.summary for r in reversed(self._recent.values())][:max(0, recent)]
         st = self.engine.stats()
-        span = max(current.t - since, 1e-9)
         rejected = {k: int(v) for k, v in self._admission().items()}
         return {
-            "object": "telemetry", "model": self.model_info(), "window": window,
-            "window_seconds": length, "span_seconds": _num(current.t - since, 3),
-            "uptime_seconds": _num(now - self._start, 3), "time": _num(self._wall(), 3),
-            "heads": self._heads(current, base),
+            "object": "telemetry", "server": "headwise", "model": self.model_info(), "window": window,
+            "window_seconds": length, "span_seconds": num(current.t - since, 3),
+            "uptime_seconds": num(now - self._start, 3), "time": num(self._wall(), 3),
+            "heads": head_means(current, base),
             "latency": {k: self._latency(v, start) for k, v in samples.items()},
-            "throughput": {
-                "generation_tokens_per_s": _num((current.generation_tokens - base.generation_tokens) / span, 3),
-                "prompt_tokens_per_s": _num((current.prompt_tokens - base.prompt_tokens) / span, 3),
-                "requests_per_s": _num((current.finished - base.finished) / span, 4),
-            },
+            "throughput": throughput(current, base, current.t - since),
             "load": {"num_running": st.num_running, "num_waiting": st.num_waiting,
-                     "kv_cache_usage": _num(st.kv_cache_usage, 4), "kv_cache_blocks": st.num_blocks,
+                     "kv_cache_usage": num(st.kv_cache_usage, 4), "kv_cache_blocks": st.num_blocks,
                      "kv_cache_free_blocks": st.num_free_blocks, "api_requests_in_flight": int(self._in_flight())},
             "counters": {
                 "prompt_tokens": st.prompt_tokens, "generation_tokens": st.generation_tokens,
@@ -230,43 +167,17 @@ class TelemetryFeed:
                 "rejected": rejected, "rejected_total": sum(rejected.values()),
                 "prefix_cache_queries": st.prefix_cache_queries, "prefix_cache_hits": st.prefix_cache_hits,
             },
-            "series": self._series(series),
+            "series": series(points, self._clock()),
             "recent_requests": requests,
         }
-
-    def _heads(self, current: _Snapshot, base: _Snapshot) -> dict:
-        counts = current.counts - base.counts                                   # [L, H]
-        sums = current.sums - base.sums                                         # [L, H, S]
-        valid = counts > 0
-        means = sums / counts.clamp_min(1)[..., None].to(torch.float64)        # [L, H, S]
-        out: dict = {"rows": int(counts.max().item()) if counts.numel() else 0, "counts": counts.tolist()}
-        for i, name in enumerate(STAT_NAMES):
-            out[name] = _grid(means[..., i], valid)
-        return out
 
     @staticmethod
     def _latency(samples: list[tuple[float, float]], start: float | None) -> dict:
         values = sorted(v for t, v in samples if start is None or t >= start)
         if not values:
-            return {"count": 0, "mean": None, "max": None, **{f"p{q}": None for q in PERCENTILES}}
-        return {"count": len(values), "mean": _num(sum(values) / len(values)), "max": _num(values[-1]),
-                **{f"p{q}": _num(percentile(values, q)) for q in PERCENTILES}}
-
-    def _series(self, points: list[_Snapshot]) -> dict:
-        """Per snapshot: seconds before now, tokens/s since the previous one, load at that time."""
-        now = self._clock()
-        out: dict[str, list] = {"t": [], "generation_tokens_per_s": [], "num_running": [], "num_waiting": [],
-                                "kv_cache_usage": []}
-        for prev, p in zip(points, points[1:]):
-            dt = p.t - prev.t
-            if dt <= 0:
-                continue
-            out["t"].append(_num(p.t - now, 3))
-            out["generation_tokens_per_s"].append(_num((p.generation_tokens - prev.generation_tokens) / dt, 3))
-            out["num_running"].append(p.num_running)
-            out["num_waiting"].append(p.num_waiting)
-            out["kv_cache_usage"].append(_num(p.kv_cache_usage, 4))
-        return out
+            return latency_json(0, None, None, {})
+        return latency_json(len(values), sum(values) / len(values), values[-1],
+                            {q: percentile(values, q) for q in PERCENTILES})
 
     def request(self, request_id: str) -> dict | None:
         """One recent request with its per-head means (non-finite ones null), or None when
