@@ -30,7 +30,8 @@ from server.metrics import Metrics
 from server.api.errors import APIError, bad_request, error_body, error_headers, from_engine_error, send_error
 from server.api.serving import ClientDisconnected, OpenAIServing
 from server.api.streaming import TIMING_HEADERS, dumps
-from server.api.dashboard import DASHBOARD_PATHS, dashboard_router
+from server.api.dashboard import dashboard_router
+from server.api.dashboard_page import DASHBOARD_PATHS
 from server.api.telemetry_feed import TelemetryFeed
 from server.engine.errors import InvalidRequestError
 

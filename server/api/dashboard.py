@@ -1,5 +1,5 @@
-"""The operations dashboard: GET /dashboard (one static page and its assets, served from
-server/api/static/, no build step) and the JSON it polls, GET /v1/telemetry and
+"""The operations dashboard of headwise serve: the page and its assets (dashboard_page.py, shared
+with the vLLM plugin) and the JSON it polls, GET /v1/telemetry and
 GET /v1/telemetry/requests/{id}, fed by TelemetryFeed (docs/telemetry-api.md).
 
 Authentication: the page and its assets (DASHBOARD_PATHS) are public, they hold no data; the
@@ -9,26 +9,16 @@ operator types into it once per browser tab (kept in sessionStorage).
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from server.api.dashboard_page import page_router
 from server.api.errors import APIError, bad_request
 from server.api.streaming import dumps
 from server.api.schemas import ErrorResponse, ascii_uint
-from server.api.telemetry_feed import WINDOWS, TelemetryFeed, UnknownWindowError
+from server.api.telemetry_feed import TelemetryFeed
+from server.telemetry_window import WINDOWS, UnknownWindowError
 
-STATIC_DIR = Path(__file__).resolve().parent / "static"
-PAGE = "dashboard.html"
-ASSETS = {  # served as /dashboard/static/<name>
-    "dashboard.js": "text/javascript; charset=utf-8",
-    "dashboard.css": "text/css; charset=utf-8",
-    "uPlot.iife.min.js": "text/javascript; charset=utf-8",
-    "uPlot.min.css": "text/css; charset=utf-8",
-}
-DASHBOARD_PATHS = frozenset({"/dashboard", *(f"/dashboard/static/{name}" for name in ASSETS)})
 MAX_RECENT = 100
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404)}
 _QUERY = [  # parsed by hand (OpenAI-style 400s, never FastAPI's 422), documented here
@@ -44,19 +34,6 @@ def _json(obj, status: int = 200) -> Response:
                     headers={"cache-control": "no-store"})
 
 
-class _Asset:
-    def __init__(self, path: Path, media_type: str) -> None:
-        self.body = path.read_bytes()
-        self.media_type = media_type
-        self.etag = '"' + hashlib.sha256(self.body).hexdigest()[:20] + '"'
-
-    def response(self, request: Request) -> Response:
-        headers = {"etag": self.etag, "cache-control": "no-cache", "x-content-type-options": "nosniff"}
-        if request.headers.get("if-none-match") == self.etag:
-            return Response(status_code=304, headers=headers)
-        return Response(self.body, media_type=self.media_type, headers=headers)
-
-
 def _recent_param(raw: str | None) -> int:
     """?recent=: ASCII digits only, 0..MAX_RECENT (default 20)."""
     if raw is None:
@@ -70,19 +47,7 @@ def _recent_param(raw: str | None) -> int:
 def dashboard_router(feed: TelemetryFeed) -> APIRouter:
     """Routes of the dashboard page, its assets and the telemetry JSON over `feed`."""
     router = APIRouter()
-    page = _Asset(STATIC_DIR / PAGE, "text/html; charset=utf-8")
-    assets = {name: _Asset(STATIC_DIR / name, media) for name, media in ASSETS.items()}
-
-    @router.get("/dashboard", include_in_schema=False)
-    async def dashboard(request: Request) -> Response:
-        return page.response(request)
-
-    @router.get("/dashboard/static/{name}", include_in_schema=False)
-    async def dashboard_asset(name: str, request: Request) -> Response:
-        asset = assets.get(name)
-        if asset is None:
-            raise APIError(404, "no such route", code="not_found")
-        return asset.response(request)
+    router.include_router(page_router())
 
     @router.get("/v1/telemetry", tags=["telemetry"], responses=_ERRORS, openapi_extra={"parameters": _QUERY})
     async def telemetry(request: Request) -> Response:

@@ -14,7 +14,7 @@ from html.parser import HTMLParser
 import httpx
 import pytest
 
-from server.api.dashboard import ASSETS, STATIC_DIR
+from server.api.dashboard_page import ASSETS, STATIC_DIR
 
 STATS = ("entropy", "normalized_entropy", "max_weight", "sink_mass", "lookback_distance")
 
