@@ -161,7 +161,7 @@ def head_view(before: Snapshot, after: Snapshot) -> HeadView | None:
 
 
 def head_view_from_telemetry(before: Mapping, after: Mapping) -> HeadView | None:
-    """The same view from two GET /v1/telemetry answers of vLLM's headwise plugin (window "all":
+    """The same view from two GET /v1/telemetry?window=all answers of vLLM's headwise plugin (window "all":
     per-head counts and means since start; sums are mean x count). For vLLM with several API
     server processes, whose /metrics leaves the per-head families out."""
     try:
@@ -191,9 +191,10 @@ def head_view_from_telemetry(before: Mapping, after: Mapping) -> HeadView | None
 
 
 async def telemetry(client, base_url: str, headers: Mapping[str, str]) -> dict | None:
-    """GET /v1/telemetry (the vLLM plugin's cumulative per-head view); None when absent."""
+    """GET /v1/telemetry?window=all (the vLLM plugin's per-head view since start); None when absent."""
     try:
-        r = await client.get(base_url.rstrip("/") + "/v1/telemetry", headers=dict(headers), timeout=10)
+        r = await client.get(base_url.rstrip("/") + "/v1/telemetry?window=all&recent=0", headers=dict(headers),
+                             timeout=10)
         data = r.json() if r.status_code == 200 else None
     except Exception:  # no such route, not JSON: no per-head view from here
         return None

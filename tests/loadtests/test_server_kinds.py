@@ -269,13 +269,18 @@ def test_a_server_without_per_head_families_has_no_head_view():
     assert server_metrics.server_view(snap, snap, "vllm").heads is None
 
 
+def telemetry_route(source) -> dict:
+    """The plugin's GET /v1/telemetry?window=all answer over `source` (its feed, with no vLLM metrics)."""
+    from server.vllm_plugin.feed import VllmFeed
+    from server.vllm_plugin.vllm_metrics import empty_counters
+
+    return json.loads(json.dumps(VllmFeed(source, empty_counters).snapshot("all")))
+
+
 def test_per_head_view_from_the_plugins_telemetry_route_equals_the_metrics_one():
     """vLLM with several API server processes has no per-head families on /metrics; the
-    plugin's GET /v1/telemetry (endpoint.telemetry_json) gives the same view."""
-    from server.vllm_plugin.endpoint import telemetry_json
-
-    before, after = json.loads(json.dumps(telemetry_json(plugin_source(5)))), \
-        json.loads(json.dumps(telemetry_json(plugin_source(12, scale=1.5))))
+    plugin's GET /v1/telemetry?window=all (feed.py) gives the same view."""
+    before, after = telemetry_route(plugin_source(5)), telemetry_route(plugin_source(12, scale=1.5))
     from_route = server_metrics.head_view_from_telemetry(before, after)
     from_metrics = server_metrics.head_view(server_metrics.parse(plugin_metrics(5)),
                                             server_metrics.parse(plugin_metrics(12, scale=1.5)))
@@ -286,7 +291,7 @@ def test_per_head_view_from_the_plugins_telemetry_route_equals_the_metrics_one()
             assert got == pytest.approx(want, rel=1e-9)
     # (12 * 1.5 - 5) / 7 x the head's base mean: the run's own mean, not the cumulative one
     assert from_route.means["entropy"][0][0] == pytest.approx(0.1 * (12 * 1.5 - 5) / 7)
-    down = json.loads(json.dumps(telemetry_json(plugin_source(0, up=False))))
+    down = telemetry_route(plugin_source(0, up=False))
     view = server_metrics.head_view_from_telemetry(down, down)
     assert view.telemetry_up == 0.0 and view.total_rows == 0
     assert server_metrics.head_view_from_telemetry({"heads": {}}, {"heads": {}}) is None

@@ -146,7 +146,8 @@ def test_a_failed_fetch_keeps_the_last_values_and_reads_down(caplog):
 
 
 def test_telemetry_json_has_headwise_serves_heads_shape():
-    from server.vllm_plugin.endpoint import telemetry_json
+    from server.vllm_plugin.feed import VllmFeed
+    from server.vllm_plugin.vllm_metrics import empty_counters
 
     acc = full_accumulator(rows=4)
     wires = rank_reports(acc, 3)
@@ -160,8 +161,9 @@ def test_telemetry_json_has_headwise_serves_heads_shape():
 
     source = TelemetrySource(MODEL, BUCKETS, fetch)
     asyncio.run(source.refresh())
-    body = telemetry_json(source)
-    assert body["model"] == {"id": "m", "layers": 30, "heads": 9, "kv_heads": 3} and body["window"] == "all"
+    body = VllmFeed(source, empty_counters).snapshot("all")
+    assert body["model"]["id"] == "m" and (body["model"]["layers"], body["model"]["heads"]) == (30, 9)
+    assert body["server"] == "vllm" and body["window"] == "all"
     heads = body["heads"]
     assert heads["rows"] == 4 and len(heads["counts"]) == 30 and heads["counts"][0][3] == 0
     assert heads["entropy"][0][3] is None and heads["entropy"][0][0] == pytest.approx(
