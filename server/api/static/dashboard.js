@@ -8,6 +8,9 @@
  *
  * Every heatmap cell carries data-layer, data-head, data-kv-head and data-value (empty when the
  * head has no rows in the window), so tests and scripts can read the numbers from the DOM.
+ *
+ * The same page runs on vLLM with the headwise plugin (its JSON has "server": "vllm"): fields vLLM
+ * has no metric for are null and shown as "–", and there are no recent requests to list.
  */
 (function () {
   "use strict";
@@ -64,6 +67,7 @@
     if (Math.abs(x) >= 1000) return Math.round(x).toLocaleString("en-US");
     return x.toFixed(digits === undefined ? (Math.abs(x) >= 100 ? 0 : 1) : digits);
   }
+  const fmtCount = (x) => (x === null || x === undefined ? "–" : Number(x).toLocaleString("en-US"));
   function fmtDuration(s) {
     if (s < 60) return `${Math.round(s)} s`;
     if (s < 3600) return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
@@ -112,17 +116,19 @@
   // ------------------------------------------------------------------ rendering
   function render(d) {
     const m = d.model;
-    $("model").innerHTML = `<b>${esc(m.id)}</b> · ${m.layers} layers × ${m.heads} heads (${m.kv_heads} KV) · ` +
-      `context ${m.max_model_len.toLocaleString("en-US")} · up ${fmtDuration(d.uptime_seconds)}`;
+    const badge = d.server === "vllm" ? '<span class="badge server" id="server-badge">vLLM</span> ' : "";
+    $("model").innerHTML = `${badge}<b>${esc(m.id)}</b> · ${m.layers} layers × ${m.heads} heads (${m.kv_heads} KV) · ` +
+      `context ${fmtCount(m.max_model_len)} · up ${fmtDuration(d.uptime_seconds)}`;
     renderTiles(d);
     renderLatency(d);
     renderCharts(d);
     const heads = { layers: m.layers, heads: m.heads, kv_heads: m.kv_heads, grids: d.heads, counts: d.heads.counts };
     renderHeatmap($("heatmap"), $("legend"), heads, state.stat);
     const span = d.window === "all" || d.span_seconds + 1 < d.window_seconds ? ` (${fmtDuration(d.span_seconds)} of data)` : "";
+    const down = d.plugin && !d.plugin.up ? ` · telemetry down: ${d.plugin.problem}` : "";
     $("heat-sub").textContent = `mean ${STAT[state.stat].label.toLowerCase()} per (layer, head), ${WINDOW_TEXT[d.window]}${span} · ` +
-      `${(d.heads.rows || 0).toLocaleString("en-US")} rows`;
-    renderRequests(d.recent_requests);
+      `${(d.heads.rows || 0).toLocaleString("en-US")} rows${down}`;
+    renderRequests(d.recent_requests || [], d.server === "vllm");
   }
 
   function setTile(id, text, cls) {
@@ -135,11 +141,11 @@
     const t = d.throughput, l = d.load, c = d.counters;
     setTile("tile-tps", fmtNum(t.generation_tokens_per_s));
     setTile("tile-rps", fmtNum(t.requests_per_s, 2));
-    setTile("tile-running", String(l.num_running));
-    setTile("tile-waiting", String(l.num_waiting), l.num_waiting > 0 ? "warn" : "");
+    setTile("tile-running", fmtCount(l.num_running));
+    setTile("tile-waiting", fmtCount(l.num_waiting), l.num_waiting > 0 ? "warn" : "");
     const kv = (l.kv_cache_usage || 0) * 100;
-    setTile("tile-kv", `${kv.toFixed(1)} %`, kv >= 95 ? "bad" : kv >= 80 ? "warn" : "");
-    $("tile-kv-unit").textContent = `of ${l.kv_cache_blocks.toLocaleString("en-US")} blocks`;
+    setTile("tile-kv", l.kv_cache_usage === null ? "–" : `${kv.toFixed(1)} %`, kv >= 95 ? "bad" : kv >= 80 ? "warn" : "");
+    $("tile-kv-unit").textContent = l.kv_cache_blocks === null ? "used" : `of ${fmtCount(l.kv_cache_blocks)} blocks`;
     $("tile-kv-bar").style.width = `${kv}%`;
     $("tile-kv-bar").style.background = kv >= 95 ? "var(--red)" : kv >= 80 ? "var(--amber)" : "var(--accent)";
     setTile("tile-preempt", String(c.preemptions), c.preemptions_in_window > 0 ? "warn" : "");
@@ -290,10 +296,12 @@
   }
 
   // --------------------------------------------------------------- recent requests
-  function renderRequests(reqs) {
+  function renderRequests(reqs, vllm) {
     const body = document.querySelector("#requests tbody");
     if (!reqs.length) {
-      body.innerHTML = '<tr class="empty"><td colspan="9">No finished requests yet.</td></tr>';
+      const text = vllm ? "vLLM keeps no per-request telemetry: the heads above are the window's means."
+        : "No finished requests yet.";
+      body.innerHTML = `<tr class="empty"><td colspan="9">${text}</td></tr>`;
       return;
     }
     body.innerHTML = reqs.map((r) => {
