@@ -1,6 +1,8 @@
 """deploy/grafana: the provisioning files, the dashboard's structure and panels, every PromQL
-expression parses (promtool) once Grafana's variables are substituted, and every metric it uses
-is in a scrape of a live server."""
+expression parses (promtool) once Grafana's variables are substituted, and every headwise_ metric
+it uses is in a scrape of a live server. The vllm: names (the same panels on vLLM carrying the
+plugin) each stand beside their headwise_ equivalent; tests/vllm_plugin/test_real_vllm.py finds
+them in a live vLLM scrape."""
 
 from __future__ import annotations
 
@@ -100,6 +102,7 @@ def test_required_panels():
     assert "sum by (layer, head)" in expr
     for family in ("time_to_first_token", "inter_token_latency", "e2e_request_latency"):
         assert panels_using(rf"histogram_quantile\(.*headwise_{family}_seconds_bucket", "timeseries"), family
+        assert panels_using(rf"histogram_quantile\(.*vllm:{family}_seconds_bucket", "timeseries"), family
     for metric in ("headwise_generation_tokens_total", "headwise_kv_cache_usage_ratio",
                    "headwise_num_requests_waiting", "headwise_num_requests_running",
                    "headwise_num_preemptions_total", "headwise_requests_rejected_total", "headwise_model_info"):
@@ -115,7 +118,27 @@ def test_every_expression_parses(tool, tmp_path):
 
 
 def test_every_metric_is_exported(scraped_names):  # noqa: F811
-    used = set().union(*(metric_names(e) for e in expressions()))
+    used = {n for e in expressions() for n in metric_names(e) if not n.startswith("vllm:")}
     assert len(used) > 20
     missing = used - scraped_names
     assert not missing, f"the dashboard queries metrics the server does not export: {sorted(missing)}"
+
+
+def vllm_names() -> set[str]:
+    return {n for e in expressions() for n in metric_names(e) if n.startswith("vllm:")}
+
+
+def test_vllm_names_stand_beside_their_headwise_equivalents():
+    """On vLLM the latency, throughput and load panels read vLLM's own families: each vllm: name
+    is `or`-ed with the headwise_ family it is the equivalent of (loadtests' mapping, docs/metrics.md),
+    selected by vLLM's label model_name with the same $model."""
+    from loadtests.server_metrics import family
+
+    pairs = 0
+    for expr in (t["expr"] for p in PANELS for t in p.get("targets", [])):
+        names = metric_names(expr)
+        for name in sorted(n for n in names if n.startswith("vllm:")):
+            assert any(family(h, "vllm") == name for h in names if h.startswith("headwise_")), (name, expr)
+            assert f'{name}{{model_name=~"$model"}}' in expr and " or " in expr, expr
+            pairs += 1
+    assert pairs >= 25 and len(vllm_names()) == 16
