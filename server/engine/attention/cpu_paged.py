@@ -65,7 +65,7 @@ class CpuPagedBackend:
         return torch.device(device).type == "cpu" and load_paged_decode().op is not None
 
     @staticmethod
-    def unavailable_reason() -> str | None:
+    def unavailable_reason(device: torch.device | None = None) -> str | None:
         """Why the C++ op could not be built or loaded, if it could not."""
         return load_paged_decode().reason
 

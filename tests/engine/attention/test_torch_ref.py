@@ -176,5 +176,5 @@ def test_unknown_backend_is_a_clear_error():
     mc = ModelConfig(name="t", architecture="llama", vocab_size=10, hidden_size=32, intermediate_size=8,
                      num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=64)
     cache = KVCache.allocate(mc, num_blocks=2, block_size=4)
-    with pytest.raises(ValueError, match="unknown attention backend 'nope'.*auto, cpu, torch"):
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'.*auto, cpu, triton, torch"):
         build_backend("nope", cache, torch.device("cpu"), sink_tokens=4, max_positions=8)

@@ -1,0 +1,276 @@
+"""The Triton backend: the paged decode kernels against float64 math, the torch reference and
+telemetry.merge_partials, on tiny shapes (context 1, block and split boundaries, GQA 4/4, 8/2, 9/3,
+padded block tables, fp32 / bf16 / fp16), the backend through the runner's metadata (decodes and a
+prefill chunk over a cached prefix in one step), the backend choice, and the engine end to end
+against the reference backend.
+
+Without CUDA they run in Triton's CPU interpreter: tests/conftest.py imports triton and the kernels
+under TRITON_INTERPRET=1 before any test module (transformers imports triton; the interpreter
+cannot be chosen later). With CUDA they run the compiled kernels on the GPU. Tiles here are small
+(16-key tiles, 32-key splits) so a few dozen keys cross tile and split boundaries."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from server.engine.attention import build_backend
+from server.engine.attention.torch_ref import attend
+from server.engine.kv_cache import KVCache
+from server.engine.telemetry import finalize_stats, key_weights, merge_partials
+from tests.engine.attention.test_cpu_paged import BS, _mixed_step, assert_acc_close, float64_acc, paged
+from tests.engine.attention.test_torch_ref import reference_row
+
+pytest.importorskip("triton", reason="triton is not installed (scripts/setup.sh installs it with the dev extra)")
+
+LENS = [1, 15, 16, 17, 31, 32, 33, 64, 65, 100]  # BS = 16: block boundaries; split_keys = 32: split boundaries
+
+
+@pytest.fixture(scope="module")
+def kern():
+    """The kernels module; under the interpreter with TRITON_INTERPRET=1 set while this module's
+    tests run (the backend checks it on a CPU)."""
+    from server.engine.attention import triton_kernels
+
+    with pytest.MonkeyPatch.context() as mp:
+        if triton_kernels.interpreted():
+            mp.setenv("TRITON_INTERPRET", "1")
+        yield triton_kernels
+
+
+@pytest.fixture(scope="module")
+def dev(kern) -> torch.device:
+    """cpu under the interpreter, else cuda."""
+    if kern.interpreted():
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    pytest.skip("the Triton kernels need CUDA, or Triton's interpreter chosen before triton is first "
+                "imported (tests/conftest.py does that where there is no CUDA)")
+
+
+def on(dev: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.to(dev) for t in tensors]
+
+
+@pytest.fixture
+def tiles(kern):
+    return kern.DecodeTiles(split_keys=32, block_n=16)
+
+
+def decode(kern, tiles, q, kc, vc, table, lens, flags=None, upcast=None):
+    """paged_decode with fresh outputs (NaN where nothing is written), on q's device; flags None:
+    every row computes telemetry. Returns (out [B, H, D], acc [B, H, 4], scratch or None) on the CPU."""
+    b, h, d = q.shape
+    dev = q.device
+    flags = torch.ones(b, dtype=torch.int32) if flags is None else flags    # [B]
+    out = torch.full_like(q, float("nan"))                                  # [B, H, D]
+    acc = torch.full((b, h, 4), float("nan"), device=dev)                   # [B, H, 4]
+    splits = kern.num_splits(int(lens.max()), tiles)
+    scratch = None if splits == 1 else kern.DecodeScratch.allocate(b, h, splits, d, 4, dev)
+    table, lens, flags = on(dev, table, lens, flags)
+    kern.paged_decode(q, kc, vc, table, lens, flags, key_weights(int(lens.max()) + 8, 4, dev), out, acc,
+                      1 / math.sqrt(d), tiles, scratch, upcast)
+    if scratch is not None:
+        scratch = kern.DecodeScratch(*(t.cpu() for t in dataclasses.astuple(scratch)))
+    return out.cpu(), acc.cpu(), scratch
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (9, 3)])
+def test_kernel_matches_float64_and_the_reference(kern, dev, tiles, heads, kv_heads):
+    """Every length of LENS in one padded batch (block-table columns past a row's blocks hold an
+    out-of-range id, unowned blocks hold 1e4): output within 1e-5 of float64 and of the torch
+    reference, accumulators within 1e-5 relative, statistics within 1e-5."""
+    d = 32
+    q, kc, vc, table, lens, keys, values = paged(LENS, heads, kv_heads, d, seed=heads)
+    out, acc, scratch = decode(kern, tiles, *on(dev, q, kc, vc), table, lens)
+    assert scratch is not None and scratch.part_m.shape[2] == 4
+    stats = finalize_stats(acc, lens)                                   # [B, H, 5]
+    for b, n in enumerate(LENS):
+        ref_out, ref_stats = reference_row(q[b], keys[b], values[b])
+        assert (out[b].double() - ref_out).abs().max() < 1e-5, n
+        assert_acc_close(acc[b], float64_acc(q[b], keys[b]))
+        assert (stats[b].double() - ref_stats).abs().max() < 1e-5, n
+        t_out, t_acc = attend(q[b:b + 1], keys[b][None], values[b][None], lens[b:b + 1], 1 / math.sqrt(d), True)
+        assert (out[b] - t_out[0]).abs().max() < 1e-5
+        assert_acc_close(acc[b], t_acc[0])
+
+
+def test_reduce_is_the_centred_merge_of_the_split_partials(kern, dev, tiles):
+    """The reduce kernel's accumulators equal telemetry.merge_partials over the partials the split
+    kernel wrote (each centred at its own max), and the merged output is sum w_s o_s / L."""
+    q, kc, vc, table, lens, _, _ = paged([100, 33, 70], 9, 3, 16, seed=4, qscale=6.0)
+    out, acc, scratch = decode(kern, tiles, *on(dev, q, kc, vc), table, lens)
+    for b, n in enumerate(lens.tolist()):
+        s = -(-n // tiles.split_keys)
+        m = scratch.part_m[b, :, :s].transpose(0, 1)                    # [S, H]
+        parts = scratch.part_a[b, :, :s].transpose(0, 1)                # [S, H, 4]
+        big_m, merged = merge_partials(m, parts)                        # [H], [H, 4]
+        assert_acc_close(acc[b], merged, rel=1e-6)
+        w = torch.exp(m - big_m)                                        # [S, H]
+        o = (w[..., None] * scratch.part_o[b, :, :s].transpose(0, 1)).sum(0) / merged[:, 0, None]  # [H, D]
+        assert (out[b] - o).abs().max() < 1e-6
+
+
+def test_telemetry_flags_and_batch_change_no_output_bit(kern, dev, tiles):
+    """Output bit-identical with telemetry on, off or on some rows; accumulators of flagged rows
+    unchanged by the others' flags; each row alone (a single split where it is short) gives bit
+    for bit what it gives in the batch, and so does the batch reversed."""
+    q, kc, vc, table, lens, _, _ = paged(LENS, 9, 3, 16, seed=8)
+    q, kc, vc = on(dev, q, kc, vc)
+    out, acc, _ = decode(kern, tiles, q, kc, vc, table, lens)
+    off, acc_off, _ = decode(kern, tiles, q, kc, vc, table, lens, torch.zeros(len(LENS), dtype=torch.int32))
+    some = torch.tensor([b % 3 == 0 for b in range(len(LENS))], dtype=torch.int32)
+    part, acc_part, _ = decode(kern, tiles, q, kc, vc, table, lens, some)
+    assert torch.equal(out, off) and torch.equal(out, part)
+    assert acc_off.isnan().all()                                        # nothing written without the flag
+    assert torch.equal(acc_part[some.bool()], acc[some.bool()]) and acc_part[~some.bool()].isnan().all()
+    for b in range(len(LENS)):
+        o1, a1, _ = decode(kern, tiles, q[b:b + 1], kc, vc, table[b:b + 1], lens[b:b + 1])
+        assert torch.equal(o1[0], out[b]) and torch.equal(a1[0], acc[b]), LENS[b]
+    rev = list(reversed(range(len(LENS))))
+    o2, a2, _ = decode(kern, tiles, q[rev], kc, vc, table[rev], lens[rev])
+    assert torch.equal(o2, out[rev]) and torch.equal(a2, acc[rev])
+
+
+def exact_bf16_dot(builder_cls):
+    """The interpreter's create_dot with bf16 operands widened to fp32 first (triton 3.9's numpy
+    matmul multiplies their raw uint16 bits): the GPU's bf16-in, fp32-accumulate dot."""
+    import triton.language as tl
+    from triton.runtime.interpreter import TensorHandle
+
+    orig = builder_cls.create_dot
+
+    def widen(x):
+        if x.dtype != tl.bfloat16:
+            return x
+        return TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    @functools.wraps(orig)
+    def create_dot(self, a, b, d, *args):
+        return orig(self, widen(a), widen(b), d, *args)
+
+    return create_dot
+
+
+@pytest.mark.parametrize("dtype,upcast,tol", [(torch.bfloat16, None, 2e-2), (torch.bfloat16, False, 2e-2),
+                                              (torch.float16, None, 2e-3)],
+                         ids=["bf16", "bf16-gpu-path", "fp16"])
+def test_half_precision_caches(kern, dev, tiles, monkeypatch, dtype, upcast, tol):
+    """bf16 / fp16 caches and queries: output within the dtype's tolerance of float64 over the same
+    rounded inputs; the accumulators (fp32 scores, fp32 softmax) within 1e-5 relative. Under the
+    interpreter "bf16" upcasts the dot operands (its bf16 dot is wrong) and "bf16-gpu-path" runs
+    the kernel the GPU runs (bf16 dot operands, p rounded to bf16 before p @ V) on an interpreter
+    whose dot is made exact for bf16."""
+    if upcast is False and kern.interpreted():
+        from triton.runtime.interpreter import InterpreterBuilder
+
+        monkeypatch.setattr(InterpreterBuilder, "create_dot", exact_bf16_dot(InterpreterBuilder))
+    q, kc, vc, table, lens, keys, values = paged([1, 17, 40, 65], 8, 2, 32, seed=2, qscale=2.0)
+    q, kc, vc = q.to(dtype), kc.to(dtype), vc.to(dtype)
+    out, acc, _ = decode(kern, tiles, *on(dev, q, kc, vc), table, lens, upcast=upcast)
+    assert out.dtype == dtype and acc.dtype == torch.float32
+    for b in range(len(lens)):
+        k, v = keys[b].to(dtype), values[b].to(dtype)
+        ref_out, _ = reference_row(q[b], k, v)
+        assert (out[b].double() - ref_out).abs().max() < tol
+        assert_acc_close(acc[b], float64_acc(q[b], k))
+
+
+def mixed_step_on(dev: torch.device, stats):
+    """test_cpu_paged's mixed step (two decode rows, a prefill chunk over a cached prefix) on dev."""
+    cache, q, k_new, v_new, meta = _mixed_step(stats)
+    cache = KVCache(k=on(dev, *cache.k), v=on(dev, *cache.v))
+    moved = {f: getattr(meta, f).to(dev) for f in ("slot_mapping", "query_start_loc", "seq_lens", "block_table")}
+    return cache, *on(dev, q, k_new, v_new), dataclasses.replace(meta, **moved)
+
+
+@pytest.mark.parametrize("stats", [[0, 1, 2], [1, 2], [0], [2], None], ids=["all", "some", "decode", "prefill", "off"])
+def test_mixed_step_matches_the_torch_backend(kern, dev, stats):
+    """Two decode rows and a prefill chunk over a cached prefix in one forward: decode rows within
+    1e-5 of the reference, prefill rows bit for bit (the same code), telemetry rows in the asked
+    order, the output bit-identical with telemetry off."""
+    from server.engine.attention.triton_paged import TritonPagedBackend
+
+    cache, q, k_new, v_new, meta = mixed_step_on(dev, stats)
+    ref_cache = KVCache(k=[t.clone() for t in cache.k], v=[t.clone() for t in cache.v])
+    tri = build_backend("triton", cache, dev, sink_tokens=4, max_positions=64)
+    ref = build_backend("torch", ref_cache, dev, sink_tokens=4, max_positions=64)
+    assert isinstance(tri, TritonPagedBackend) and tri.name == "triton"
+    out, acc = tri.forward(1, q, k_new, v_new, tri.prepare(meta))
+    ref_out, ref_acc = ref.forward(1, q, k_new, v_new, ref.prepare(meta))
+    for a, b in ((cache.k[1], ref_cache.k[1]), (cache.v[1], ref_cache.v[1])):  # pages never written may hold NaN
+        assert torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
+    assert (out[:2] - ref_out[:2]).abs().max() < 1e-5
+    assert torch.equal(out[2:], ref_out[2:])
+    if stats is None:
+        assert acc is None and ref_acc is None
+    else:
+        assert acc.shape == ref_acc.shape == (len(stats), 9, 4) and acc.dtype == torch.float32
+        assert_acc_close(acc.cpu(), ref_acc.cpu())
+    _, q2, k2, v2, meta_off = mixed_step_on(dev, None)
+    again = KVCache(k=[t.clone() for t in ref_cache.k], v=[t.clone() for t in ref_cache.v])
+    off = TritonPagedBackend(again, 4, 64, tiles=kern.DecodeTiles(split_keys=16, block_n=16))
+    out_off, none = off.forward(1, q2, k2, v2, off.prepare(meta_off))
+    assert none is None and torch.equal(out_off, out)
+
+
+def test_backend_choice(kern, dev, monkeypatch):
+    """auto takes triton on CUDA, never on a CPU (cpu, else torch); naming it on a CPU without the
+    interpreter, or over an int8 cache, is an error that says why."""
+    from server.engine.attention import cpu_paged
+
+    cache, *_ = _mixed_step(None)
+    cpu = torch.device("cpu")
+    if dev.type == "cuda":
+        gpu_cache = KVCache(k=on(dev, *cache.k), v=on(dev, *cache.v))
+        assert build_backend("auto", gpu_cache, dev, sink_tokens=4, max_positions=64).name == "triton"
+    picked = build_backend("auto", cache, cpu, sink_tokens=4, max_positions=64).name
+    assert picked == ("cpu" if cpu_paged.CpuPagedBackend.supports(cpu) else "torch")
+    monkeypatch.setattr(cpu_paged.CpuPagedBackend, "supports", staticmethod(lambda device: False))
+    assert build_backend("auto", cache, cpu, sink_tokens=4, max_positions=64).name == "torch"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"attention backend 'triton' does not run on cpu: .*TRITON_INTERPRET=1"):
+        build_backend("triton", cache, cpu, sink_tokens=4, max_positions=64)
+    int8 = KVCache(k=[t.to(dev, torch.int8) for t in cache.k], v=[t.to(dev, torch.int8) for t in cache.v])
+    if dev.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16 caches, not torch.int8"):
+        build_backend("triton", int8, dev, sink_tokens=4, max_positions=64)
+
+
+@pytest.mark.slow
+def test_engine_generates_the_same_tokens_and_telemetry_as_torch(kern, dev, tiny_llama_dir, monkeypatch):
+    """Greedy tokens identical, per-request telemetry within 1e-5, over a continuous batch with
+    chunked prefill (steps that mix decode rows and prefill chunks), with 16-key splits so decode
+    rows past 16 keys go through the reduce kernel."""
+    from server.config import CacheConfig, EngineConfig, SchedulerConfig
+    from server.engine.engine import Engine
+    from server.engine.request import SamplingParams
+
+    monkeypatch.setattr(kern, "DecodeTiles", functools.partial(kern.DecodeTiles, split_keys=16, block_n=16))
+    prompts = ["The capital of France is", "Hello world! 1 2 3 4 5 6 7 8 9 10. A quick brown fox jumps over", "A"]
+
+    def run(backend: str):
+        engine = Engine(EngineConfig(model=tiny_llama_dir, device=str(dev), cache=CacheConfig(num_blocks=64),
+                                     attention_backend=backend,
+                                     scheduler=SchedulerConfig(max_model_len=256, max_num_batched_tokens=16)))
+        assert engine.runner.attention.name == backend
+        params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, head_telemetry=True)
+        return engine.generate(prompts, params), engine.head_stats_snapshot()
+
+    tri, tri_snap = run("triton")
+    ref, ref_snap = run("torch")
+    for a, b in zip(tri, ref):
+        assert a.token_ids == b.token_ids
+        assert a.head_telemetry.rows == b.head_telemetry.rows == 12
+        for name in ("entropy", "normalized_entropy", "max_weight", "sink_mass", "lookback_distance"):
+            got, want = torch.tensor(getattr(a.head_telemetry, name)), torch.tensor(getattr(b.head_telemetry, name))
+            assert (got - want).abs().max() < 1e-5, name
+    assert torch.equal(tri_snap.counts, ref_snap.counts)
+    assert (tri_snap.means() - ref_snap.means()).abs().max() < 1e-5
