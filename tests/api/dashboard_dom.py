@@ -35,7 +35,8 @@ def run_chromium(url: str, tmp_path, *args: str, budget_ms: int = 8000) -> str:
 
 
 class DashboardDOM(HTMLParser):
-    """Collects the body's state, heatmap cells (by heatmap id) and the latency table's cells."""
+    """Collects the body's state, heatmap cells (by heatmap id), the latency table's cells, the
+    tiles' texts and every element id."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -44,6 +45,7 @@ class DashboardDOM(HTMLParser):
         self.heatmaps: dict[str, dict] = {}
         self.latency: dict[tuple[str, str], dict] = {}
         self.texts: dict[str, str] = {}
+        self.ids: set[str] = set()
         self._heatmap: str | None = None
         self._metric: str | None = None
         self._capture: tuple | None = None
@@ -52,6 +54,8 @@ class DashboardDOM(HTMLParser):
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         classes = (a.get("class") or "").split()
+        if a.get("id"):
+            self.ids.add(a["id"])
         if tag == "body":
             self.body = a
         if "heatmap" in classes:

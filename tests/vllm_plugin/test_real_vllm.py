@@ -211,6 +211,54 @@ def head_counts(fams: dict, stat: str) -> dict[tuple[str, str], float]:
     return {(s.labels["layer"], s.labels["head"]): s.value for s in fams[name].samples if s.name == name + "_count"}
 
 
+def check_telemetry_route(srv: VllmServer, model: str, generated: int, requests: int) -> None:
+    """GET /v1/telemetry after the server's first requests: headwise's JSON from the plugin's
+    feed, every per-head grid of the last minute equal to since start, vLLM's latency histograms
+    counting exactly the requests served."""
+    every = httpx.get(srv.url + "/v1/telemetry?window=all", timeout=60).json()
+    one = httpx.get(srv.url + "/v1/telemetry?window=1m&recent=12", timeout=60).json()
+    assert every["server"] == one["server"] == "vllm" and every["plugin"]["up"]
+    assert {k: every["model"][k] for k in ("id", "layers", "heads", "kv_heads", "max_model_len")} == \
+        {"id": model, "layers": 30, "heads": 9, "kv_heads": 3, "max_model_len": 1024}
+    assert every["heads"]["rows"] == one["heads"]["rows"] == generated
+    assert every["heads"]["counts"] == one["heads"]["counts"] == [[generated] * 9] * 30
+    for stat in STAT_NAMES:
+        grid = one["heads"][stat]
+        assert len(grid) == 30 and all(len(row) == 9 and None not in row for row in grid), stat
+        assert grid == every["heads"][stat], stat
+    for lat in (every["latency"], one["latency"]):
+        for key in ("time_to_first_token", "e2e_request_latency", "queue_time"):
+            assert lat[key]["count"] == requests and 0 < lat[key]["p50"] <= lat[key]["p99"], (key, lat[key])
+        assert lat["inter_token_latency"]["count"] == generated - requests
+    assert every["counters"]["generation_tokens"] == generated
+    assert every["counters"]["requests_finished"]["length"] == requests and every["counters"]["errors"] == 0
+    assert one["throughput"]["generation_tokens_per_s"] > 0 and one["recent_requests"] == []
+    assert every["load"]["num_running"] == 0 and 0 <= every["load"]["kv_cache_usage"] <= 1
+    bad = httpx.get(srv.url + "/v1/telemetry?window=2m", timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "window"
+    gone = httpx.get(srv.url + "/v1/telemetry/requests/cmpl-1", timeout=60)
+    assert gone.status_code == 404 and "no per-request telemetry" in gone.json()["error"]["message"]
+
+
+def check_dashboard(srv: VllmServer, tmp_path: Path) -> None:
+    """headwise's page on vLLM: served with its assets, and real Chromium renders the heatmap of
+    every head and the latency table from vLLM's JSON (the body turns "ready" only after a
+    render without a JavaScript error)."""
+    from tests.api.dashboard_dom import chromium_binary, finite, load_dashboard
+
+    page = httpx.get(srv.url + "/dashboard", timeout=60)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "dashboard/static/dashboard.js" in page.text
+    assert httpx.get(srv.url + "/dashboard/static/dashboard.js", timeout=60).status_code == 200
+    chromium_binary()
+    dom = load_dashboard(srv.url + "/dashboard?window=all", tmp_path)
+    heat = dom.heatmaps["heatmap"]
+    assert (heat["data-layers"], heat["data-heads"]) == ("30", "9") and len(dom.cells["heatmap"]) == 270
+    assert all(0.0 <= finite(c["data-value"]) <= 1.0 for c in dom.cells["heatmap"])
+    assert finite(dom.latency[("time_to_first_token", "p50")]["data-value"]) > 0
+    assert "server-badge" in dom.ids
+
+
 def test_openai_server_exports_every_head_on_vllms_metrics(model_dir, tmp_path):
     from tests.api.conftest import free_port
     from tests.test_metrics import PROMETHEUS, Prometheus, promtool_problems
@@ -239,16 +287,20 @@ def test_openai_server_exports_every_head_on_vllms_metrics(model_dir, tmp_path):
         assert fams["headwise_telemetry_sample_rate"].samples[0].value == 1.0
         rows = fams["headwise_telemetry_rows"].samples[0]
         assert rows.value == generated and rows.labels["model"] == model
-        tele = httpx.get(srv.url + "/v1/telemetry", timeout=60).json()
-        assert tele["plugin"]["up"] and tele["heads"]["rows"] == generated and len(tele["heads"]["entropy"]) == 30
-        assert tele["model"] == {"id": model, "layers": 30, "heads": 9, "kv_heads": 3}
-        assert httpx.get(srv.url + "/v1/telemetry?window=5m", timeout=60).status_code == 400
+        check_telemetry_route(srv, model, generated, requests=2)
+        from tests.deploy.test_grafana import expressions, vllm_names
+
+        assert vllm_names() <= {s.name for f in fams.values() for s in f.samples}  # the Grafana board's vllm: names
         if prom is not None:
             prom.wait_for_scrapes(2)
             res = prom.query('count(headwise_head_entropy_nats_count{job="headwise"})')
             assert res and float(res[0]["value"][1]) == 270
             res = prom.query('max(headwise_head_entropy_nats_count) - min(headwise_head_entropy_nats_count)')
             assert float(res[0]["value"][1]) == 0
+            board = [e for e in expressions() if "vllm:" in e]                  # the Grafana panels, on vLLM
+            empty = [e for e in board if not prom.query(e)]
+            assert len(board) > 20 and not empty, empty
+        check_dashboard(srv, tmp_path)                                    # last: it skips where Chromium is missing
     finally:
         if prom is not None:
             prom.stop()
