@@ -30,19 +30,33 @@ def log(msg: str) -> None:
     print(f"[bench_gpu] {msg}", file=sys.stderr, flush=True)
 
 
-def smollm2_shaped(path: str, layers: int = 30) -> None:
+# LlamaConfig fields of the shapes the GPU benchmarks use (random weights: no weights travel).
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                    tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0)
+
+
+def random_llama(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu", **shape) -> int:
+    """Save a randomly initialized Llama with the LlamaConfig fields shape (and the tests' tiny
+    tokenizer) as a Hugging Face folder at path, its weights in dtype; returns its parameter count.
+    device: where to initialize (a GPU initializes a 1B model in a second)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tests.conftest import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
-                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                      tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(**shape, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def smollm2_shaped(path: str, layers: int = 30) -> None:
+    random_llama(path, **{**SMOLLM2_135M, "num_hidden_layers": layers})
 
 
 def sync_time() -> float:
