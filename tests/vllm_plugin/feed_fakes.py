@@ -1,4 +1,4 @@
-"""Fakes for the plugin's telemetry feed: a clock, vLLM's metric families in a prometheus_client
+"""Fakes for the plugin's telemetry feed: vLLM's metric families in a prometheus_client
 registry (names and labels as vLLM's stat logger registers them) and a TelemetrySource whose
 merged telemetry the test sets (tests/vllm_plugin/test_feed.py, test_endpoint.py)."""
 
@@ -21,14 +21,6 @@ MODEL = ModelDescription("m", num_layers=3, num_heads=4, num_kv_heads=2)
 BUCKETS = PluginSettings().buckets
 NE = STAT_NAMES.index("normalized_entropy")
 TTFT_BUCKETS = (0.1, 0.5, 1.0)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 class FakeVllm:
@@ -60,13 +52,14 @@ class FakeVllm:
 
 
 class Setup:
-    """A feed over FakeVllm and one rank whose cumulative sums are `acc` (layer 2 disabled)."""
+    """A feed over FakeVllm and one rank whose cumulative sums are `acc` (layer 2 disabled), on a
+    clock that moves only when the test moves `t`."""
 
     def __init__(self, **feed_kwargs) -> None:
         async def fetch() -> list[dict]:
             return [self.report().to_wire()]
 
-        self.clock = Clock()
+        self.t = 1000.0
         self.acc = HeadStatsAccumulator(MODEL.num_layers, MODEL.num_heads, BUCKETS)
         self.source = TelemetrySource(MODEL, BUCKETS, fetch)
         self.publish()
@@ -74,7 +67,10 @@ class Setup:
         self.feed = VllmFeed(self.source, registry_reader(self.vllm.registry),
                              ModelDetails(name="/models/m", architecture="LlamaForCausalLM", head_dim=64,
                                           max_model_len=1024, block_size=16),
-                             clock=self.clock, wall=lambda: 1.7e9, **feed_kwargs)
+                             clock=self.now, wall=lambda: 1.7e9, **feed_kwargs)
+
+    def now(self) -> float:
+        return self.t
 
     def report(self) -> RankReport:
         hs = self.acc.snapshot()
@@ -98,7 +94,7 @@ class Setup:
     def tick(self, seconds: float) -> None:
         """Let time pass in 5 s steps, the background task recording a point at each."""
         for _ in range(int(seconds // 5)):
-            self.clock.t += 5
+            self.t += 5
             self.feed.record()
 
 

@@ -129,8 +129,8 @@ def test_the_plugin_s_health_and_an_unknown_window():
 
 def test_a_server_without_vllm_metrics_has_nulls_not_errors():
     s = Setup()
-    feed = VllmFeed(s.source, registry_reader(CollectorRegistry()), clock=s.clock)
-    s.clock.t += 30
+    feed = VllmFeed(s.source, registry_reader(CollectorRegistry()), clock=s.now)
+    s.t += 30
     snap = strict_json(feed.snapshot("1m"))
     assert snap["load"]["num_running"] is None and snap["load"]["kv_cache_usage"] is None
     assert snap["latency"]["time_to_first_token"]["count"] == 0 and snap["counters"]["requests_finished"] == {}
@@ -152,9 +152,9 @@ def test_the_ring_is_bounded_and_reads_add_points_only_when_due():
     s = Setup(history=8)
     s.tick(200)
     assert len(s.feed._ring) == 8
-    s.clock.t += 1
+    s.t += 1
     s.feed.snapshot("1m")
-    assert len(s.feed._ring) == 8 and s.feed._ring[-1].t == s.clock.t - 1
+    assert len(s.feed._ring) == 8 and s.feed._ring[-1].t == s.t - 1
     s.rows(3, 0.5)
     assert strict_json(s.feed.snapshot("all"))["heads"]["rows"] == 3     # "all" counts from zero
 
