@@ -16,7 +16,9 @@ from server.engine.attention import build_backend, cpu_extension, cpu_paged
 from server.engine.attention.torch_ref import attend
 from server.engine.kv_cache import KVCache
 from server.engine.telemetry import finalize_stats
-from tests.engine.attention.test_torch_ref import _meta, reference_row
+from tests.engine.attention.backend_agreement import (assert_acc_close, assert_engine_matches_torch,
+                                                      assert_mixed_step_matches_torch, mixed_step)
+from tests.engine.attention.test_torch_ref import reference_row
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the extension")
 
@@ -66,11 +68,6 @@ def float64_acc(q: torch.Tensor, k: torch.Tensor, sink: int = 4) -> torch.Tensor
     e = torch.exp(shifted)                                           # [H, n]
     j = torch.arange(k.shape[0], dtype=torch.float64)                # [n]
     return torch.stack([e.sum(-1), (e * shifted).sum(-1), e[:, :sink].sum(-1), (e * j).sum(-1)], -1)  # [H, 4]
-
-
-def assert_acc_close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-5) -> None:
-    err = (got.double() - want.double()).abs()
-    assert (err <= rel * want.double().abs() + 1e-30).all(), (err / want.double().abs()).max()
 
 
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 33, 300])
@@ -150,56 +147,21 @@ def test_bad_inputs_are_refused(op):
         op(q, kc, vc, table, torch.tensor([10**4], dtype=torch.int32), 0.25, False, 4)
 
 
-def _mixed_step(stats):
-    """Two decode rows and a prefill chunk over a cached prefix (test_torch_ref's step), as
-    (cache, q, k_new, v_new, metadata)."""
-    from server.config import ModelConfig
-
-    g = torch.Generator().manual_seed(5)
-    h, kvh, d, bs = 9, 3, 64, 4
-    mc = ModelConfig(name="t", architecture="llama", vocab_size=10, hidden_size=h * d, intermediate_size=8,
-                     num_layers=2, num_heads=h, num_kv_heads=kvh, head_dim=d, max_position_embeddings=64)
-    cache = KVCache.allocate(mc, num_blocks=16, block_size=bs)
-    tables, lens, new = [[7, 2, 11], [5, 1], [3, 9, 0, 14]], [10, 6, 15], [1, 1, 9]
-    for t, n, nn in zip(tables, lens, new):
-        idx = torch.tensor([t[p // bs] * bs + p % bs for p in range(n - nn)], dtype=torch.long)
-        cache.write(1, idx, torch.randn(len(idx), kvh, d, generator=g), torch.randn(len(idx), kvh, d, generator=g))
-    q = torch.randn(sum(new), h, d, generator=g)                     # [T, H, D]
-    k_new = torch.randn(sum(new), kvh, d, generator=g)               # [T, KVH, D]
-    v_new = torch.randn(sum(new), kvh, d, generator=g)               # [T, KVH, D]
-    return cache, q, k_new, v_new, _meta(tables, lens, new, bs, stats)
-
-
 @pytest.mark.parametrize("stats", [[0, 1, 2], [1, 2], [0], [2], None], ids=["all", "some", "decode", "prefill", "off"])
 def test_mixed_step_matches_the_torch_backend(op, stats):
     """Decode rows and a prefill chunk through the same forward: decode rows within 1e-5 of the
     reference, prefill rows bit for bit (the same code), telemetry rows in the asked order, and
     the output bit-identical with telemetry off."""
-    cache, q, k_new, v_new, meta = _mixed_step(stats)
-    ref_cache = KVCache(k=[t.clone() for t in cache.k], v=[t.clone() for t in cache.v])
-    cpu = build_backend("cpu", cache, torch.device("cpu"), sink_tokens=4, max_positions=64)
-    ref = build_backend("torch", ref_cache, torch.device("cpu"), sink_tokens=4, max_positions=64)
-    assert cpu.name == "cpu" and ref.name == "torch"
-    out, acc = cpu.forward(1, q, k_new, v_new, cpu.prepare(meta))
-    ref_out, ref_acc = ref.forward(1, q, k_new, v_new, ref.prepare(meta))
-    for a, b in ((cache.k[1], ref_cache.k[1]), (cache.v[1], ref_cache.v[1])):  # pages never written may hold NaN
-        assert torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
-    assert (out[:2] - ref_out[:2]).abs().max() < 1e-5
-    assert torch.equal(out[2:], ref_out[2:])
-    if stats is None:
-        assert acc is None and ref_acc is None
-    else:
-        assert acc.shape == ref_acc.shape == (len(stats), 9, 4)
-        assert_acc_close(acc, ref_acc)
-    _, q2, k2, v2, meta_off = _mixed_step(None)
-    again = KVCache(k=[t.clone() for t in ref_cache.k], v=[t.clone() for t in ref_cache.v])
-    off = build_backend("cpu", again, torch.device("cpu"), sink_tokens=4, max_positions=64)
-    out_off, none = off.forward(1, q2, k2, v2, off.prepare(meta_off))
-    assert none is None and torch.equal(out_off, out)
+    def make(cache):
+        backend = build_backend("cpu", cache, torch.device("cpu"), sink_tokens=4, max_positions=64)
+        assert backend.name == "cpu"
+        return backend
+
+    assert_mixed_step_matches_torch(make, stats)
 
 
 def test_auto_prefers_cpu_on_a_cpu_device(op):
-    cache, *_ = _mixed_step(None)
+    cache, *_ = mixed_step(None)
     assert build_backend("auto", cache, torch.device("cpu"), sink_tokens=4, max_positions=64).name == "cpu"
     assert not cpu_paged.CpuPagedBackend.supports(torch.device("meta"))
     half = KVCache(k=[t.bfloat16() for t in cache.k], v=[t.bfloat16() for t in cache.v])
@@ -211,7 +173,7 @@ def test_without_a_compiler_auto_warns_once_and_cpu_fails_clearly(monkeypatch, c
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     unbuilt = functools.cache(cpu_extension.load_paged_decode.__wrapped__)
     monkeypatch.setattr(cpu_paged, "load_paged_decode", unbuilt)
-    cache, *_ = _mixed_step(None)
+    cache, *_ = mixed_step(None)
     with caplog.at_level(logging.WARNING, logger=cpu_extension.__name__):
         for _ in range(2):
             assert build_backend("auto", cache, torch.device("cpu"), sink_tokens=4, max_positions=64).name == "torch"
@@ -237,27 +199,6 @@ def test_a_compile_error_is_a_reason_not_an_exception(monkeypatch, tmp_path, cap
 def test_engine_generates_the_same_tokens_and_telemetry_as_torch(op, tiny_llama_dir):
     """Greedy tokens identical, per-request telemetry within 1e-5, over a continuous batch with
     chunked prefill (steps that mix decode rows and prefill chunks)."""
-    from server.config import CacheConfig, EngineConfig, SchedulerConfig
-    from server.engine.engine import Engine
-    from server.engine.request import SamplingParams
-
     prompts = ["The capital of France is", "Hello world! 1 2 3 4 5 6 7 8 9 10. A quick brown fox jumps over",
                "Attention heads look back", "A"]
-
-    def run(backend: str):
-        engine = Engine(EngineConfig(model=tiny_llama_dir, cache=CacheConfig(num_blocks=64), attention_backend=backend,
-                                     scheduler=SchedulerConfig(max_model_len=256, max_num_batched_tokens=16)))
-        assert engine.runner.attention.name == backend
-        params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, head_telemetry=True)
-        return engine.generate(prompts, params), engine.head_stats_snapshot()
-
-    cpu, cpu_snap = run("cpu")
-    ref, ref_snap = run("torch")
-    for a, b in zip(cpu, ref):
-        assert a.token_ids == b.token_ids
-        assert a.head_telemetry.rows == b.head_telemetry.rows == 40
-        for name in ("entropy", "normalized_entropy", "max_weight", "sink_mass", "lookback_distance"):
-            got, want = torch.tensor(getattr(a.head_telemetry, name)), torch.tensor(getattr(b.head_telemetry, name))
-            assert (got - want).abs().max() < 1e-5, name
-    assert torch.equal(cpu_snap.counts, ref_snap.counts)
-    assert (cpu_snap.means() - ref_snap.means()).abs().max() < 1e-5
+    assert_engine_matches_torch(tiny_llama_dir, "cpu", prompts, max_tokens=40)

@@ -23,7 +23,9 @@ from server.engine.attention import build_backend
 from server.engine.attention.torch_ref import attend
 from server.engine.kv_cache import KVCache
 from server.engine.telemetry import finalize_stats, key_weights, merge_partials
-from tests.engine.attention.test_cpu_paged import BS, _mixed_step, assert_acc_close, float64_acc, paged
+from tests.engine.attention.backend_agreement import (assert_acc_close, assert_engine_matches_torch,
+                                                      assert_mixed_step_matches_torch, mixed_step)
+from tests.engine.attention.test_cpu_paged import float64_acc, paged
 from tests.engine.attention.test_torch_ref import reference_row
 
 pytest.importorskip("triton", reason="triton is not installed (scripts/setup.sh installs it with the dev extra)")
@@ -182,42 +184,23 @@ def test_half_precision_caches(kern, dev, tiles, monkeypatch, dtype, upcast, tol
         assert_acc_close(acc[b], float64_acc(q[b], k))
 
 
-def mixed_step_on(dev: torch.device, stats):
-    """test_cpu_paged's mixed step (two decode rows, a prefill chunk over a cached prefix) on dev."""
-    cache, q, k_new, v_new, meta = _mixed_step(stats)
-    cache = KVCache(k=on(dev, *cache.k), v=on(dev, *cache.v))
-    moved = {f: getattr(meta, f).to(dev) for f in ("slot_mapping", "query_start_loc", "seq_lens", "block_table")}
-    return cache, *on(dev, q, k_new, v_new), dataclasses.replace(meta, **moved)
-
-
 @pytest.mark.parametrize("stats", [[0, 1, 2], [1, 2], [0], [2], None], ids=["all", "some", "decode", "prefill", "off"])
 def test_mixed_step_matches_the_torch_backend(kern, dev, stats):
     """Two decode rows and a prefill chunk over a cached prefix in one forward: decode rows within
     1e-5 of the reference, prefill rows bit for bit (the same code), telemetry rows in the asked
-    order, the output bit-identical with telemetry off."""
+    order, the output bit-identical with telemetry off (there from a backend with 16-key tiles)."""
     from server.engine.attention.triton_paged import TritonPagedBackend
 
-    cache, q, k_new, v_new, meta = mixed_step_on(dev, stats)
-    ref_cache = KVCache(k=[t.clone() for t in cache.k], v=[t.clone() for t in cache.v])
-    tri = build_backend("triton", cache, dev, sink_tokens=4, max_positions=64)
-    ref = build_backend("torch", ref_cache, dev, sink_tokens=4, max_positions=64)
-    assert isinstance(tri, TritonPagedBackend) and tri.name == "triton"
-    out, acc = tri.forward(1, q, k_new, v_new, tri.prepare(meta))
-    ref_out, ref_acc = ref.forward(1, q, k_new, v_new, ref.prepare(meta))
-    for a, b in ((cache.k[1], ref_cache.k[1]), (cache.v[1], ref_cache.v[1])):  # pages never written may hold NaN
-        assert torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
-    assert (out[:2] - ref_out[:2]).abs().max() < 1e-5
-    assert torch.equal(out[2:], ref_out[2:])
-    if stats is None:
-        assert acc is None and ref_acc is None
-    else:
-        assert acc.shape == ref_acc.shape == (len(stats), 9, 4) and acc.dtype == torch.float32
-        assert_acc_close(acc.cpu(), ref_acc.cpu())
-    _, q2, k2, v2, meta_off = mixed_step_on(dev, None)
-    again = KVCache(k=[t.clone() for t in ref_cache.k], v=[t.clone() for t in ref_cache.v])
-    off = TritonPagedBackend(again, 4, 64, tiles=kern.DecodeTiles(split_keys=16, block_n=16))
-    out_off, none = off.forward(1, q2, k2, v2, off.prepare(meta_off))
-    assert none is None and torch.equal(out_off, out)
+    built = []
+
+    def make(cache):
+        backend = (build_backend("triton", cache, dev, sink_tokens=4, max_positions=64) if not built else
+                   TritonPagedBackend(cache, 4, 64, tiles=kern.DecodeTiles(split_keys=16, block_n=16)))
+        built.append(backend)
+        assert isinstance(backend, TritonPagedBackend) and backend.name == "triton"
+        return backend
+
+    assert_mixed_step_matches_torch(make, stats, dev)
 
 
 def test_backend_choice(kern, dev, monkeypatch):
@@ -225,7 +208,7 @@ def test_backend_choice(kern, dev, monkeypatch):
     interpreter, or over an int8 cache, is an error that says why."""
     from server.engine.attention import cpu_paged
 
-    cache, *_ = _mixed_step(None)
+    cache, *_ = mixed_step(None)
     cpu = torch.device("cpu")
     if dev.type == "cuda":
         gpu_cache = KVCache(k=on(dev, *cache.k), v=on(dev, *cache.v))
@@ -249,28 +232,6 @@ def test_engine_generates_the_same_tokens_and_telemetry_as_torch(kern, dev, tiny
     """Greedy tokens identical, per-request telemetry within 1e-5, over a continuous batch with
     chunked prefill (steps that mix decode rows and prefill chunks), with 16-key splits so decode
     rows past 16 keys go through the reduce kernel."""
-    from server.config import CacheConfig, EngineConfig, SchedulerConfig
-    from server.engine.engine import Engine
-    from server.engine.request import SamplingParams
-
     monkeypatch.setattr(kern, "DecodeTiles", functools.partial(kern.DecodeTiles, split_keys=16, block_n=16))
     prompts = ["The capital of France is", "Hello world! 1 2 3 4 5 6 7 8 9 10. A quick brown fox jumps over", "A"]
-
-    def run(backend: str):
-        engine = Engine(EngineConfig(model=tiny_llama_dir, device=str(dev), cache=CacheConfig(num_blocks=64),
-                                     attention_backend=backend,
-                                     scheduler=SchedulerConfig(max_model_len=256, max_num_batched_tokens=16)))
-        assert engine.runner.attention.name == backend
-        params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, head_telemetry=True)
-        return engine.generate(prompts, params), engine.head_stats_snapshot()
-
-    tri, tri_snap = run("triton")
-    ref, ref_snap = run("torch")
-    for a, b in zip(tri, ref):
-        assert a.token_ids == b.token_ids
-        assert a.head_telemetry.rows == b.head_telemetry.rows == 12
-        for name in ("entropy", "normalized_entropy", "max_weight", "sink_mass", "lookback_distance"):
-            got, want = torch.tensor(getattr(a.head_telemetry, name)), torch.tensor(getattr(b.head_telemetry, name))
-            assert (got - want).abs().max() < 1e-5, name
-    assert torch.equal(tri_snap.counts, ref_snap.counts)
-    assert (tri_snap.means() - ref_snap.means()).abs().max() < 1e-5
+    assert_engine_matches_torch(tiny_llama_dir, "triton", prompts, max_tokens=12, device=str(dev))
