@@ -64,15 +64,13 @@ class RecordingEngine:
                                           scheduler=SchedulerConfig(max_model_len=256),
                                           telemetry=TelemetryConfig(**telemetry)))
         self.rows: list[np.ndarray] = []
-        real = self.engine.runner.execute
+        real = self.engine.head_stats.add
 
-        def execute(*args, **kwargs):
-            out = real(*args, **kwargs)
-            if out.stats is not None:
-                self.rows.append(out.stats.numpy().copy())   # [L, R, H, 5] float64
-            return out
+        def add(stats):
+            self.rows.append(stats.numpy().copy())   # [L, R, H, 5] float64, the rows the sums take
+            real(stats)
 
-        self.engine.runner.execute = execute
+        self.engine.head_stats.add = add
 
     def reference_rows(self) -> np.ndarray:
         """[L, N, H, 5] every row so far."""

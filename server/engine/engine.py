@@ -24,8 +24,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-import torch
-
 from server.config import EngineConfig
 from server.engine.block_manager import BlockManager
 from server.engine.errors import EngineDeadError, InvalidRequestError, UnknownRequestError
@@ -37,6 +35,7 @@ from server.engine.runner import ModelRunner, StepOutput
 from server.engine.scheduler import Batch, ScheduledRequest, Scheduler
 from server.engine.streams import RequestStream
 from server.engine.telemetry import HeadStats, HeadStatsAccumulator, RequestHeadTelemetry, RequestTelemetry
+from server.engine.telemetry_buffer import PendingStep, RowOwner, TelemetryBuffer
 
 log = logging.getLogger("headwise.engine")
 
@@ -153,6 +152,7 @@ class Engine:
         tc = config.telemetry
         self.head_stats = HeadStatsAccumulator(mc.num_layers, mc.num_heads, tc.histogram_buckets,
                                                per_head_histograms=tc.per_head_histograms)
+        self._telemetry_rows = TelemetryBuffer(self.head_stats)
         self.eos_token_ids = frozenset(mc.eos_token_ids)
         self._live: dict[str, _Live] = {}             # requests the engine still works on
         self._streams: dict[str, RequestStream] = {}  # streams not yet read to their end
@@ -257,7 +257,7 @@ class Engine:
                     events.extend(self._update(part, run))
                 if runs:
                     out = runs[0][1] if len(runs) == 1 else StepOutput(
-                        sampled=tuple(t for _, r in runs for t in r.sampled), stats=None,
+                        sampled=tuple(t for _, r in runs for t in r.sampled), telemetry=None,
                         num_tokens=sum(r.num_tokens for _, r in runs))
                     self.steps += 1
             if out is not None or self._step_finished:
@@ -322,14 +322,13 @@ class Engine:
             req.num_computed_tokens += s.num_new_tokens
             req.num_committed_blocks = bm.commit(req.block_ids, req.token_ids, req.num_computed_tokens,
                                                  req.num_committed_blocks)
-        if out.stats is not None:
-            internal = {tok.telemetry_row for tok in out.sampled
-                        if tok.telemetry_row is not None and self._live[tok.request_id].request.internal}
-            if internal:
-                keep = [r for r in range(out.stats.shape[1]) if r not in internal]
-                self.head_stats.add(out.stats[:, keep])                # [L, R', H, 5]
-            else:
-                self.head_stats.add(out.stats)
+        if out.telemetry is not None:
+            owners = [RowOwner(None, False)] * out.telemetry.keys.shape[0]
+            for tok in out.sampled:
+                if tok.telemetry_row is not None and not tok.nonfinite:
+                    live = self._live[tok.request_id]
+                    owners[tok.telemetry_row] = RowOwner(live.telemetry, not live.request.internal)
+            self._telemetry_rows.add(PendingStep(out.telemetry.acc, out.telemetry.keys, tuple(owners)))
         events = []
         now = time.monotonic()
         for tok in out.sampled:
@@ -341,7 +340,7 @@ class Engine:
                                                  "inf), so no token could be drawn"))
                 continue
             try:
-                events.append(self._accept(live, tok, now, out.stats))
+                events.append(self._accept(live, tok, now))
             except Exception as exc:  # e.g. a detokenizer failure: this request only
                 log.exception("update of %s failed", tok.request_id)
                 events.append(self._finish(live.request, FinishReason.ERROR, error_reason="update_failed",
@@ -349,7 +348,7 @@ class Engine:
                                                  f"({type(exc).__name__})"))
         return events
 
-    def _accept(self, live: _Live, tok, now: float, stats: torch.Tensor | None) -> TokenEvent:
+    def _accept(self, live: _Live, tok, now: float) -> TokenEvent:
         req = live.request
         req.token_ids.append(tok.token_id)
         counted = not req.internal
@@ -364,8 +363,6 @@ class Engine:
             if counted:
                 self._step_itl.append(now - req.last_token_time)
         req.last_token_time = now
-        if live.telemetry is not None and tok.telemetry_row is not None and stats is not None:
-            live.telemetry.add_row(stats[:, tok.telemetry_row])       # [L, H, 5]
         logprobs = (tok.logprob,) if tok.logprob is not None else None
         update = self.output.process(req, tok.token_id)
         if update.finish_reason is None:
@@ -393,6 +390,8 @@ class Engine:
                           else req.first_token_time - req.first_scheduled_time),
             decode_time=(None if req.first_token_time is None else req.last_token_time - req.first_token_time),
             e2e_latency=end - req.arrival_time, inter_token_latencies=tuple(req.inter_token_latencies))
+        if live.telemetry is not None:
+            self._telemetry_rows.flush()                               # this request's rows are all in
         head = live.telemetry.result() if live.telemetry is not None else None
         if not req.internal:
             self._step_finished.append(FinishedRequest(req.request_id, reason, stats,
@@ -527,4 +526,6 @@ class Engine:
         return self.config.cache.block_size
 
     def head_stats_snapshot(self) -> HeadStats:
+        """The server-wide per-head sums: exact once no request is running; while requests run,
+        up to telemetry_buffer.FLUSH_EVERY - 1 sampled steps may still wait to be folded in."""
         return self.head_stats.snapshot()

@@ -6,8 +6,9 @@ graphs and vLLM expect); the step's inputs and AttentionMetadata are written int
 allocated once, sized by max_num_seqs and max_num_batched_tokens (numpy views of host tensors,
 pinned and copied without blocking on CUDA; the same memory as the model's inputs on a CPU),
 instead of tensors built from lists every step. The backend derives its own indices from the
-metadata (prepare), the model runs, telemetry accumulators become statistics, and one token is
-sampled for every sequence whose chunk reached the end of its tokens.
+metadata (prepare), the model runs, and one token is sampled for every sequence whose chunk
+reached the end of its tokens; the step's raw telemetry accumulators go back with the tokens (the
+engine turns them into statistics in batches: telemetry_buffer.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from server.engine.request import Request, TokenLogprob
 from server.engine.sampler import SamplingRow, derive_seed, sample
 from server.engine.scheduler import Batch, ScheduledRequest
 from server.engine.structured import fill_bitmask, new_bitmask
-from server.engine.telemetry import finalize_stats
 from server.engine.timing import LayerTimer
 from server.engine.weights import QuantizedTensor, WeightSource
 
@@ -36,14 +36,22 @@ class SampledToken:
     request_id: str
     token_id: int
     logprob: TokenLogprob | None
-    telemetry_row: int | None  # row of StepOutput.stats, when telemetry ran this step
+    telemetry_row: int | None  # row of StepOutput.telemetry, when telemetry ran this step
     nonfinite: bool = False    # the row's logits held NaN or inf: token_id is not a real draw
+
+
+@dataclass(frozen=True)
+class StepTelemetry:
+    """One step's raw telemetry rows (server/engine/telemetry.py), still on the model's device."""
+
+    acc: torch.Tensor    # [L, R, H, NUM_ACCUMULATORS] float32
+    keys: torch.Tensor   # [R] keys each row attended to (its position + 1)
 
 
 @dataclass(frozen=True)
 class StepOutput:
     sampled: tuple[SampledToken, ...]
-    stats: torch.Tensor | None  # [L, R, H, NUM_STATS] on the CPU, float64
+    telemetry: StepTelemetry | None
     num_tokens: int
     attention_times: tuple[float, ...] | None = None  # seconds per layer, on timed steps
 
@@ -162,10 +170,10 @@ class ModelRunner:
             self.attention, plan, buf.to_device("sample_rows", len(samples)),                         # [S]
             timer=LayerTimer(self.device) if time_attention else None, num_decodes=meta.num_decodes,
             sample_decodes=sum(1 for b in samples if b < meta.num_decodes))
-        stats = None
+        telemetry = None
         if out.telemetry is not None:
-            keys = meta.seq_lens[meta.stats_seqs_cpu.to(self.device)][None, :]          # [1, R]
-            stats = finalize_stats(out.telemetry, keys).to("cpu", torch.float64)        # [L, R, H, 5]
+            keys = meta.seq_lens[meta.stats_seqs_cpu.to(self.device)]                   # [R]
+            telemetry = StepTelemetry(out.telemetry, keys)                              # [L, R, H, 4], [R]
         rows = [self._sampling_row(scheduled[b].request) for b in samples]
         constrained = [k for k, b in enumerate(samples) if scheduled[b].request.grammar is not None]
         allowed = None
@@ -177,9 +185,9 @@ class ModelRunner:
         result = sample(out.logits.float(), rows, allowed) if rows else None
         sampled = tuple(
             SampledToken(scheduled[b].request.request_id, result.token_ids[k], result.logprobs[k],
-                         k if stats is not None else None, k in result.nonfinite_rows)
+                         k if telemetry is not None else None, k in result.nonfinite_rows)
             for k, b in enumerate(samples))
-        return StepOutput(sampled=sampled, stats=stats, num_tokens=meta.num_tokens,
+        return StepOutput(sampled=sampled, telemetry=telemetry, num_tokens=meta.num_tokens,
                           attention_times=out.attention_times)
 
     @staticmethod

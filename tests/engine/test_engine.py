@@ -12,6 +12,7 @@ from server.config import CacheConfig, EngineConfig, SchedulerConfig, TelemetryC
 from server.engine.engine import Engine
 from server.engine.errors import ContextLengthExceededError, InvalidRequestError
 from server.engine.request import FinishReason, SamplingParams
+from server.engine.telemetry_buffer import FLUSH_EVERY
 
 PROMPTS = [
     "The capital of France is", "Attention heads", "Hello world! 1 2 3", "A quick brown fox",
@@ -281,6 +282,21 @@ def test_request_telemetry_rows_and_sample_rate(tiny_dir):
                               scheduler=SchedulerConfig(max_model_len=256), telemetry=TelemetryConfig(enabled=False)))
     r = off.generate(["Hello world"], SamplingParams(max_tokens=4, temperature=0, head_telemetry=True))[0]
     assert r.head_telemetry.rows == 0
+
+
+def test_running_sums_lag_a_few_steps_at_most_and_are_exact_when_idle(tiny_dir):
+    """Statistics are finalized FLUSH_EVERY steps at a time (telemetry_buffer.py): while a request
+    runs the running sums may miss its last few rows, never more; once it finishes they hold
+    every row, and so does its own per-head telemetry."""
+    engine = tiny_engine(tiny_dir)
+    rid = engine.add_request("Hello world", SamplingParams(max_tokens=40, temperature=0, ignore_eos=True,
+                                                           head_telemetry=True))
+    tokens, lags = 0, []
+    for ev in engine.stream(rid):
+        tokens += len(ev.token_ids)
+        lags.append(tokens - int(engine.head_stats_snapshot().counts[0, 0]))
+    assert tokens == 40 and lags[-1] == 0 and ev.head_telemetry.rows == 40
+    assert 0 < max(lags) <= FLUSH_EVERY - 1
 
 
 def test_telemetry_never_changes_what_is_generated(tiny_dir):
