@@ -12,7 +12,8 @@ Three entry points, all named `headwise` (pyproject.toml):
 - `vllm.endpoint_plugins` (opt-in: `VLLM_PLUGINS=headwise`) -> endpoint.HeadwiseEndpoint: in the
   API process, merges the ranks' reports on each scrape and exports them through vLLM's own
   /metrics with headwise serve's family names and labels (export.py), plus
-  headwise_telemetry_up and headwise_telemetry_layer_disabled; and GET /v1/telemetry.
+  headwise_telemetry_up and headwise_telemetry_layer_disabled; GET /v1/telemetry (windowed, in
+  headwise's JSON: feed.py) and GET /dashboard, headwise's operations page.
 
 `python -m server.vllm_plugin.model_dir` prints the Hugging Face folder vLLM loads for a headwise
 model (the default model's GGUF converted once); scripts/serve-vllm.sh wires it all up.
