@@ -26,7 +26,7 @@ os.environ["HEADWISE_TELEMETRY_SAMPLE_RATE"] = "1.0"
 
 import torch  # noqa: E402
 
-from tests.vllm_plugin.paged_fixtures import BS, D, H, KVH, reference  # noqa: E402
+from tests.vllm_plugin.paged_fixtures import D, H, KVH, reference, split_cache  # noqa: E402
 
 
 class Meta(SimpleNamespace):
@@ -34,26 +34,6 @@ class Meta(SimpleNamespace):
 
     def __getattr__(self, name: str):
         return None
-
-
-def split_cache(keys: list[torch.Tensor], num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """keys [n, KVH, D] per sequence -> (cache [NB, KVH, BS, 2 D] with NHD strides, as vLLM
-    allocates it on GPUs, keys in [..., :D] of shuffled blocks; block_table [B, W + 1] int32)."""
-    g = torch.Generator().manual_seed(7)
-    phys = torch.randn(num_blocks, BS, KVH, 2 * D, generator=g) * 50       # garbage in unused slots
-    cache = phys.permute(0, 2, 1, 3)                                        # [NB, KVH, BS, 2 D] NHD strides
-    order = torch.randperm(num_blocks, generator=g)
-    width = max(-(-k.shape[0] // BS) for k in keys)
-    table = torch.zeros(len(keys), width + 1, dtype=torch.int32)
-    used = 0
-    for b, k in enumerate(keys):
-        for w in range(-(-k.shape[0] // BS)):
-            blk = int(order[used])
-            used += 1
-            table[b, w] = blk
-            chunk = k[w * BS:(w + 1) * BS]                                  # [<=BS, KVH, D]
-            cache[blk, :, :chunk.shape[0], :D] = chunk.permute(1, 0, 2)
-    return cache, table
 
 
 def check(backend_name: str) -> dict:

@@ -11,7 +11,7 @@ import torch
 from server.engine.telemetry import finalize_stats
 from server.vllm_plugin.paged import (StepSampler, row_accumulators, shared_step_rows, split_key_blocks, step_rows,
                                       telemetry_queries, vec_key_blocks, weight_table)
-from tests.vllm_plugin.paged_fixtures import BS, D, H, KVH, paged_cache, reference
+from tests.vllm_plugin.paged_fixtures import BS, D, H, KVH, paged_cache, reference, split_cache
 
 
 @pytest.mark.parametrize("lens", [[1, 2, 31, 32, 33, 100], [257], [5, 64, 64, 97], [40, 40]])
@@ -55,21 +55,16 @@ def test_split_key_blocks_reads_the_gpu_layout_with_nhd_strides():
     g = torch.Generator().manual_seed(5)
     lens = [3, 33, 64]
     keys = [torch.randn(n, KVH, D, generator=g) * 2 for n in lens]
-    for cache in (torch.randn(12, KVH, BS, 2 * D, generator=g),
-                  torch.randn(12, BS, KVH, 2 * D, generator=g).permute(0, 2, 1, 3)):  # [NB, KVH, BS, 2 D]
-        table = torch.tensor([[0, 11, 0], [5, 2, 0], [7, 9, 0]], dtype=torch.int32)
-        for b, k in enumerate(keys):
-            for w in range(-(-k.shape[0] // BS)):
-                chunk = k[w * BS:(w + 1) * BS]                                    # [<=BS, KVH, D]
-                cache[int(table[b, w]), :, :chunk.shape[0], :D] = chunk.permute(1, 0, 2)
+    q = torch.randn(3, H, D, generator=g)
+    ctx = torch.tensor(lens)
+    want = torch.stack([reference(q[b], keys[b]) for b in range(3)])
+    for nhd in (True, False):
+        cache, table = split_cache(keys, num_blocks=12, nhd=nhd)
         kb = split_key_blocks(cache)                                              # [NB, KVH, D, BS]
         assert kb.shape == (12, KVH, D, BS) and kb.data_ptr() == cache.data_ptr()
-        assert torch.equal(kb[5, 1, :, 0], keys[1][0, 1])
-        q = torch.randn(3, H, D, generator=g)
-        ctx = torch.tensor(lens)
+        assert torch.equal(kb[int(table[1, 0]), 1, :, 0], keys[1][0, 1])
         step = step_rows(torch.arange(4), ctx, table, BS)
         got = finalize_stats(row_accumulators(q, kb, step, 1 / math.sqrt(D), weight_table(64, 4)), ctx).double()
-        want = torch.stack([reference(q[b], keys[b]) for b in range(3)])
         assert torch.allclose(got, want, atol=2e-5, rtol=1e-5), (got - want).abs().amax()
 
 
