@@ -47,7 +47,7 @@ def test_help(capsys):
 def test_serve_help_tells_which_routes_the_api_key_guards(capsys):
     """--api-key's help names the routes app.py leaves public (/metrics unless --metrics-require-key)."""
     from server.api.app import PUBLIC_PATHS
-    from server.api.dashboard import DASHBOARD_PATHS
+    from server.api.dashboard_page import DASHBOARD_PATHS
 
     assert PUBLIC_PATHS == {"/health", "/ready"} and "/dashboard" in DASHBOARD_PATHS
     with pytest.raises(SystemExit):
@@ -65,3 +65,13 @@ def test_serve_flags_reach_the_server_config():
     assert (cfg.max_request_seqs, cfg.stream_buffer_events) == (3, 9)
     default = server_config(build_parser().parse_args(["serve"]))
     assert (default.max_request_seqs, default.stream_buffer_events) == (None, 2048)
+
+
+def test_kv_cache_dtype_flag_reaches_the_engine_config(capsys):
+    from server.cli import build_parser, engine_config
+
+    assert engine_config(build_parser().parse_args(["serve"])).cache.dtype == "auto"
+    assert engine_config(build_parser().parse_args(["serve", "--kv-cache-dtype", "bfloat16"])).cache.dtype == "bfloat16"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--kv-cache-dtype", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
