@@ -9,7 +9,7 @@ import sys
 import time
 
 from server import __version__
-from server.config import WEIGHT_FORMATS, CacheConfig, EngineConfig, SchedulerConfig, TelemetryConfig
+from server.config import KV_CACHE_DTYPES, WEIGHT_FORMATS, CacheConfig, EngineConfig, SchedulerConfig, TelemetryConfig
 from server.engine.errors import HeadwiseError, ModelNotFoundError
 
 
@@ -22,6 +22,10 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=float, default=1.0, metavar="GIB",
                    help="memory for the paged KV cache in GiB (default 1)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="KV cache element type: auto (bfloat16 where the projections take bfloat16 activations "
+                        "anyway, as with int4/int8/bf16 weights on a CPU; else float32; the default), float32 "
+                        "or bfloat16 (half the memory and bytes read per decode step)")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     p.add_argument("--no-telemetry", action="store_true", help="switch per-head attention telemetry off")
     p.add_argument("--telemetry-sample-rate", type=float, default=1.0,
@@ -64,6 +68,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model, device=args.device, num_threads=args.threads, attention_backend=args.attention_backend,
         weight_format=args.weight_format,
         cache=CacheConfig(block_size=args.block_size, memory_bytes=int(args.kv_cache_memory * 2**30),
+                          dtype=args.kv_cache_dtype,
                           enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_model_len=args.max_model_len),

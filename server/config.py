@@ -83,20 +83,28 @@ class ModelConfig:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
 
 
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
-    """Paged KV cache. The number of blocks comes from memory_bytes unless num_blocks is given."""
+    """Paged KV cache. The number of blocks comes from memory_bytes unless num_blocks is given.
+    dtype: one of KV_CACHE_DTYPES; auto = bfloat16 where the model's projections take bfloat16
+    activations anyway (the quantized CPU path), else float32 (runner.kv_cache_dtype)."""
 
     block_size: int = 16
     memory_bytes: int = 1 << 30
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
         _require(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
                  f"block_size must be a power of two, got {self.block_size}")
         _require(self.memory_bytes > 0, "KV cache memory must be > 0 bytes")
         _require(self.num_blocks is None or self.num_blocks > 0, "num_blocks must be > 0")
+        _require(self.dtype in KV_CACHE_DTYPES,
+                 f"KV cache dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.dtype!r}")
 
 
 @dataclass(frozen=True)

@@ -66,16 +66,22 @@ class KVCache:
     def block_size(self) -> int:
         return self.k[0].shape[1]
 
-    def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store new tokens' K/V. slot_mapping [T]; k, v [T, KVH, D]."""
-        kvh, d = k.shape[1], k.shape[2]
-        self.k[layer].view(-1, kvh, d).index_copy_(0, slot_mapping, k)  # [num_blocks * bs, KVH, D]
-        self.v[layer].view(-1, kvh, d).index_copy_(0, slot_mapping, v)  # [num_blocks * bs, KVH, D]
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k[0].dtype
 
-    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V at the given slots. slots [...] -> k, v [..., KVH, D]."""
+    def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new tokens' K/V (rounded to the cache's dtype). slot_mapping [T]; k, v [T, KVH, D]."""
+        kvh, d = k.shape[1], k.shape[2]
+        dt = self.dtype
+        self.k[layer].view(-1, kvh, d).index_copy_(0, slot_mapping, k.to(dt))  # [num_blocks * bs, KVH, D]
+        self.v[layer].view(-1, kvh, d).index_copy_(0, slot_mapping, v.to(dt))  # [num_blocks * bs, KVH, D]
+
+    def gather(self, layer: int, slots: torch.Tensor,
+               dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V at the given slots, as dtype (default: the cache's). slots [...] -> k, v [..., KVH, D]."""
         kvh, d = self.k[layer].shape[2], self.k[layer].shape[3]
         k = self.k[layer].view(-1, kvh, d)[slots]  # [..., KVH, D]
         v = self.v[layer].view(-1, kvh, d)[slots]  # [..., KVH, D]
-        return k, v
+        return (k, v) if dtype is None else (k.to(dtype), v.to(dtype))
 

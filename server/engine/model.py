@@ -109,6 +109,17 @@ class LlamaModel:
         self.cos = cos.to(device)  # [P, D]
         self.sin = sin.to(device)  # [P, D]
 
+    @staticmethod
+    def takes_bf16(layers: list[DecoderLayer], lm_head: Linear) -> bool:
+        """Every projection casts its input to bfloat16 (int4, int8 or bf16 weights): values the
+        model computes are rounded to bfloat16 before they matter anyway."""
+        return all(lin.format != "fp32" for layer in layers
+                   for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)) and lm_head.format != "fp32"
+
+    @property
+    def bf16_activations(self) -> bool:
+        return self.takes_bf16(self.layers, self.lm_head)
+
     @classmethod
     def from_weights(cls, cfg: ModelConfig, weights: WeightSource, max_positions: int | None = None) -> LlamaModel:
         """Build every projection through weights (its format and device decide the kernels)."""
@@ -127,8 +138,7 @@ class LlamaModel:
         head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         lm_head = weights.linear([head], lm_head=True)
         # the fused glue hands bfloat16 to every projection: only when all of them take it anyway
-        bf16_inputs = all(lin.format != "fp32" for layer in layers for lin in (layer.qkv, layer.o_proj, layer.gate_up,
-                                                                              layer.down)) and lm_head.format != "fp32"
+        bf16_inputs = cls.takes_bf16(layers, lm_head)
         ops = load_layer_ops() if bf16_inputs and weights.device.type == "cpu" and weights.fused_ops else None
         return cls(cfg, weights.embedding("model.embed_tokens.weight"), layers, w("model.norm.weight"),
                    lm_head, max_positions or cfg.max_position_embeddings, weights.device, ops)

@@ -93,6 +93,15 @@ class StepBuffers:
         return dst
 
 
+def kv_cache_dtype(requested: str, model: LlamaModel, device: torch.device) -> torch.dtype:
+    """The KV cache's element type (CacheConfig.dtype): "auto" is bfloat16 on a CPU when every
+    projection takes bfloat16 activations anyway (int4 / int8 / bf16 weights; half the bytes each
+    decode step reads), float32 otherwise (the fp32 path stays the exactness reference)."""
+    if requested == "auto":
+        return torch.bfloat16 if device.type == "cpu" and model.bf16_activations else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[requested]
+
+
 class ModelRunner:
     """Builds the model, the KV cache and the attention backend on the engine's device."""
 
@@ -103,10 +112,11 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.model_config = model_config
         self.block_size = bs = config.cache.block_size
-        self.num_blocks = num_blocks_for(model_config, config.cache, max_model_len)
         source = WeightSource(weights, quantized, config.weight_format, self.device)
         self.model = LlamaModel.from_weights(model_config, source, max_model_len)
-        self.cache = KVCache.allocate(model_config, self.num_blocks, bs, self.device)
+        kv_dtype = kv_cache_dtype(config.cache.dtype, self.model, self.device)
+        self.num_blocks = num_blocks_for(model_config, config.cache, max_model_len, kv_dtype.itemsize)
+        self.cache = KVCache.allocate(model_config, self.num_blocks, bs, self.device, kv_dtype)
         self.attention = build_backend(config.attention_backend, self.cache, self.device,
                                        config.telemetry.sink_tokens, max_model_len)
         sc = config.scheduler

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from server.config import CacheConfig, EngineConfig, SchedulerConfig
 from server.engine.engine import Engine
@@ -50,3 +51,27 @@ def test_block_table_rows_follow_the_sequence_they_hold(runner):
     meta = runner._fill([ScheduledRequest.of(req, 1)], None)
     pos = req.num_computed_tokens
     assert meta.slot_mapping.tolist() == [req.block_ids[pos // bs] * bs + pos % bs]
+
+
+@pytest.mark.parametrize("requested, model, want", [
+    ("auto", "fp32", torch.float32), ("auto", "q4", torch.bfloat16),
+    ("float32", "q4", torch.float32), ("bfloat16", "fp32", torch.bfloat16)])
+def test_kv_cache_dtype_follows_the_activations_unless_named(requested, model, want, tiny_llama_dir,
+                                                             tiny_llama_q4_dir):
+    """auto: bfloat16 where every projection takes bfloat16 activations (the quantized model),
+    float32 on the fp32 path (the exactness reference); a named dtype is used as is. The same
+    memory budget holds twice the blocks in bfloat16."""
+    path = tiny_llama_dir if model == "fp32" else tiny_llama_q4_dir
+    engine = Engine(EngineConfig(model=path, cache=CacheConfig(memory_bytes=1 << 22, dtype=requested),
+                                 scheduler=SchedulerConfig(max_model_len=256)))
+    cache = engine.runner.cache
+    assert cache.dtype == want and all(t.dtype == want for t in cache.k + cache.v)
+    mc = engine.model_config
+    assert engine.runner.num_blocks == (1 << 22) // (mc.kv_bytes_per_token(want.itemsize) * cache.block_size)
+    out = engine.generate(["Hello world"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 4
+
+
+def test_an_unknown_kv_cache_dtype_is_refused():
+    with pytest.raises(ValueError, match="KV cache dtype must be one of auto, float32, bfloat16, got 'fp8'"):
+        CacheConfig(dtype="fp8")

@@ -22,7 +22,8 @@ import torch
 
 from server.engine.attention.cpu_extension import load_paged_decode
 from server.engine.attention.metadata import AttentionMetadata
-from server.engine.attention.torch_ref import PrefillSpan, attend_prefill, decode_stats_rows, prefill_spans
+from server.engine.attention.torch_ref import (PrefillSpan, attend_prefill, decode_stats_rows, prefill_spans,
+                                               weights_dtype)
 from server.engine.kv_cache import KVCache
 from server.engine.telemetry import key_weights
 
@@ -53,11 +54,12 @@ class CpuPagedBackend:
         self.cache = cache
         self.sink_tokens = sink_tokens
         k0 = cache.k[0]                                                    # [num_blocks + 1, bs, KVH, D]
-        if k0.dtype != torch.float32 or k0.device.type != "cpu":
-            raise ValueError(f"the cpu attention backend needs a float32 KV cache on the CPU, not {k0.dtype} on {k0.device}")
+        if k0.dtype not in (torch.float32, torch.bfloat16) or k0.device.type != "cpu":
+            raise ValueError(f"the cpu attention backend needs a float32 or bfloat16 KV cache on the CPU, "
+                             f"not {k0.dtype} on {k0.device}")
         self.scale = 1.0 / math.sqrt(k0.shape[-1])
         n = max_positions or cache.num_blocks * cache.block_size
-        self.key_weights = key_weights(n, sink_tokens, k0.device, k0.dtype)  # [P, 2] (prefill rows)
+        self.key_weights = key_weights(n, sink_tokens, k0.device, weights_dtype(k0.dtype))  # [P, 2] (prefill rows)
         self.block_offsets = torch.arange(cache.block_size, device=k0.device)  # [bs]
 
     @staticmethod

@@ -36,6 +36,12 @@ from server.engine.kv_cache import KVCache
 from server.engine.telemetry import NUM_ACCUMULATORS, key_weights
 
 
+def weights_dtype(cache_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a backend's key-weight table: the cache's, but float32 for a bfloat16 cache
+    (whose activations stay float32; bfloat16 cannot hold positions past 256 exactly)."""
+    return torch.float32 if cache_dtype == torch.bfloat16 else cache_dtype
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens: torch.Tensor, scale: float,
            compute_stats: bool, sink_tokens: int = 4,
            weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -134,13 +140,13 @@ def attend_prefill(cache: KVCache, layer: int, q: torch.Tensor, out: torch.Tenso
     samples) through attend(), whether or not it computes telemetry, so outputs never depend on it.
     q, out [T, H, D] (out written in place); weights [P, 2] key weights of every position.
     Returns the last row's accumulators [1, H, 4] when span.want_stats, else None."""
-    kc, vc = cache.gather(layer, span.slots)                         # [C, KVH, D]
+    kc, vc = cache.gather(layer, span.slots, q.dtype)                # [C, KVH, D]
     first, last = span.start, span.start + span.length - 1
     out[first:last] = prefill_attention(q[first:last], kc[:-1], vc[:-1], scale)  # [n - 1, H, D]
     c = kc.shape[0]
     ctx = torch.full((1,), c, dtype=torch.long, device=q.device)      # [1]
     o, acc = attend(q[last:last + 1], kc[None], vc[None], ctx, scale, span.want_stats, sink_tokens,
-                    weights[:c])                                     # [1, H, D], [1, H, 4]
+                    weights[:c].to(q.dtype))                         # [1, H, D], [1, H, 4]
     out[last:last + 1] = o
     return acc
 
@@ -176,7 +182,7 @@ class TorchAttentionBackend:
         k0 = cache.k[0]                                                    # [num_blocks + 1, bs, KVH, D]
         self.scale = 1.0 / math.sqrt(k0.shape[-1])
         n = max_positions or cache.num_blocks * cache.block_size
-        self.key_weights = key_weights(n, sink_tokens, k0.device, k0.dtype)  # [P, 2]
+        self.key_weights = key_weights(n, sink_tokens, k0.device, weights_dtype(k0.dtype))  # [P, 2]
         self.positions = torch.arange(n, device=k0.device)                     # [P]
         self.block_offsets = torch.arange(cache.block_size, device=k0.device)  # [bs]
 
@@ -216,7 +222,7 @@ class TorchAttentionBackend:
         parts: list[torch.Tensor] = []
         bd = plan.num_decodes
         if bd:
-            kd, vd = cache.gather(layer, plan.decode_slots)              # [Bd, N, KVH, D]
+            kd, vd = cache.gather(layer, plan.decode_slots, q.dtype)     # [Bd, N, KVH, D]
             weights = self.key_weights[:kd.shape[1]]                     # [N, 2]
             o, acc = attend(q[:bd], kd, vd, plan.decode_lens, scale, plan.compute_stats, sink, weights)
             out[:bd] = o                                                 # [Bd, H, D]

@@ -11,7 +11,8 @@
 //   m = max s,  e_j = exp(s_j - m),  l = sum e,  out = (sum_j e_j v_j) / l
 // and, when compute_stats, the accumulators of server/engine/telemetry.py in its layout
 //   acc = (l, t = sum e_j (s_j - m), sum_{j < sink_tokens} e_j, sum e_j j).
-// Everything accumulates in float32. l and out come from the same code whether or not telemetry
+// The cache holds float32 or bfloat16 keys and values (a bfloat16 element is widened exactly to
+// float32 on load: its bits shifted into the high half). Everything accumulates in float32. l and out come from the same code whether or not telemetry
 // is computed (the statistics are extra loops over the same e), so out is bit-identical either
 // way; every (row, query head) gets the same arithmetic however the work is split, so a row's
 // result never depends on the batch or the thread count.
@@ -43,6 +44,10 @@ namespace {
 
 constexpr int64_t LANES = 16;
 
+// A cache element as float32: float32 as is, bfloat16 (c10::BFloat16, raw bits) widened exactly.
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+
 // exp(x) for x <= 0 (callers pass s - max s); 0 below float's normal range, like a flush to zero.
 inline float exp_nonpositive(float x) {
   const float lo = -87.0f;
@@ -73,12 +78,13 @@ inline float reduce_lanes(const float* acc) {
 }
 
 // sum_d a[d] * b[d] over LANES partial sums.
-inline float dot(const float* a, const float* b, int64_t d) {
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t d) {
   float acc[LANES] = {0.0f};
   int64_t i = 0;
   for (; i + LANES <= d; i += LANES)
-    for (int64_t u = 0; u < LANES; ++u) acc[u] += a[i + u] * b[i + u];
-  for (int64_t u = 0; i < d; ++i, ++u) acc[u] += a[i] * b[i];
+    for (int64_t u = 0; u < LANES; ++u) acc[u] += a[i + u] * to_float(b[i + u]);
+  for (int64_t u = 0; i < d; ++i, ++u) acc[u] += a[i] * to_float(b[i]);
   return reduce_lanes(acc);
 }
 
@@ -135,9 +141,10 @@ struct Shapes {
 
 constexpr int64_t CHUNK = 16;  // keys per tile: one tile of K or V (16 x D floats) stays in L1 for all G heads
 
-// Pointers to the D floats of KV head g of keys j0 .. j0 + c - 1 (block-table addressing).
-inline void tile_rows(const float* cache, const int32_t* table, int64_t j0, int64_t c, int64_t g,
-                      const Shapes& sh, const float** rows) {
+// Pointers to the D elements of KV head g of keys j0 .. j0 + c - 1 (block-table addressing).
+template <typename T>
+inline void tile_rows(const T* cache, const int32_t* table, int64_t j0, int64_t c, int64_t g,
+                      const Shapes& sh, const T** rows) {
   for (int64_t u = 0; u < c; ++u) {
     const int64_t j = j0 + u;
     const int64_t slot = static_cast<int64_t>(table[j / sh.bs]) * sh.bs + j % sh.bs;
@@ -146,6 +153,13 @@ inline void tile_rows(const float* cache, const int32_t* table, int64_t j0, int6
 }
 
 #if defined(__AVX512F__)
+// Sixteen cache elements as float32.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
 // Sixteen horizontal sums at once: lane i of the result is the sum of the 16 lanes of a[i].
 inline __m512 hsum16(__m512* a) {
   __m512 b[8], c[4], d[2];
@@ -165,10 +179,11 @@ inline __m512 hsum16(__m512* a) {
 // s[lh, j] = (q_h . k_j) * scale for the query heads of KV heads g0 .. g1 - 1 (local head
 // lh = (g - g0) * G + i for query head g * G + i); D % 16 == 0. Each tile of keys is read once,
 // whole slots at a time across the KV heads of the range, and used by all their query heads.
-void scores(const float* q_row, const float* kc, const int32_t* table, int64_t n, int64_t g0, int64_t g1,
+template <typename T>
+void scores(const float* q_row, const T* kc, const int32_t* table, int64_t n, int64_t g0, int64_t g1,
             const Shapes& sh, float scale, float* s) {
   const int64_t D = sh.D, G = sh.G;
-  const float* rows[CHUNK];
+  const T* rows[CHUNK];
   for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
     const int64_t c = std::min(CHUNK, n - j0);
     tile_rows(kc, table, j0, c, 0, sh, rows);
@@ -178,10 +193,10 @@ void scores(const float* q_row, const float* kc, const int32_t* table, int64_t n
         __m512 part[CHUNK];
         for (int64_t u = 0; u < CHUNK; ++u) part[u] = _mm512_setzero_ps();
         for (int64_t u = 0; u < c; ++u) {
-          const float* kj = rows[u] + g * D;
-          __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_loadu_ps(kj));
+          const T* kj = rows[u] + g * D;
+          __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), load16(kj));
           for (int64_t d = 16; d < D; d += 16)
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), _mm512_loadu_ps(kj + d), acc);
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), load16(kj + d), acc);
           part[u] = acc;
         }
         const __m512 sums = _mm512_mul_ps(hsum16(part), _mm512_set1_ps(scale));
@@ -191,10 +206,11 @@ void scores(const float* q_row, const float* kc, const int32_t* table, int64_t n
 }
 
 // o[lh, :] = sum_j e[lh, j] v_j for the query heads of KV heads g0 .. g1 - 1; D % 16 == 0.
-void weighted_values(const float* e, const float* vc, const int32_t* table, int64_t n, int64_t g0, int64_t g1,
+template <typename T>
+void weighted_values(const float* e, const T* vc, const int32_t* table, int64_t n, int64_t g0, int64_t g1,
                      const Shapes& sh, float* o) {
   const int64_t D = sh.D, G = sh.G;
-  const float* rows[CHUNK];
+  const T* rows[CHUNK];
   std::fill(o, o + (g1 - g0) * G * D, 0.0f);
   for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
     const int64_t c = std::min(CHUNK, n - j0);
@@ -209,8 +225,8 @@ void weighted_values(const float* e, const float* vc, const int32_t* table, int6
           for (int64_t x = 0; x < w; ++x) acc[x] = _mm512_loadu_ps(o + lh * D + d + 16 * x);
           for (int64_t u = 0; u < c; ++u) {
             const __m512 wu = _mm512_set1_ps(eh[u]);
-            const float* vj = rows[u] + g * D + d;
-            for (int64_t x = 0; x < w; ++x) acc[x] = _mm512_fmadd_ps(wu, _mm512_loadu_ps(vj + 16 * x), acc[x]);
+            const T* vj = rows[u] + g * D + d;
+            for (int64_t x = 0; x < w; ++x) acc[x] = _mm512_fmadd_ps(wu, load16(vj + 16 * x), acc[x]);
           }
           for (int64_t x = 0; x < w; ++x) _mm512_storeu_ps(o + lh * D + d + 16 * x, acc[x]);
         }
@@ -253,10 +269,11 @@ inline float exp_and_sum16(const float* s, float m, float* e, int64_t n) {
 #endif
 
 // Portable versions (any CPU, any D): the same tiles, one key at a time.
-void scores_portable(const float* q_row, const float* kc, const int32_t* table, int64_t n, int64_t g0, int64_t g1,
+template <typename T>
+void scores_portable(const float* q_row, const T* kc, const int32_t* table, int64_t n, int64_t g0, int64_t g1,
                      const Shapes& sh, float scale, float* s) {
   const int64_t D = sh.D, G = sh.G;
-  const float* rows[CHUNK];
+  const T* rows[CHUNK];
   for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
     const int64_t c = std::min(CHUNK, n - j0);
     tile_rows(kc, table, j0, c, 0, sh, rows);
@@ -267,10 +284,11 @@ void scores_portable(const float* q_row, const float* kc, const int32_t* table, 
   }
 }
 
-void weighted_values_portable(const float* e, const float* vc, const int32_t* table, int64_t n, int64_t g0,
+template <typename T>
+void weighted_values_portable(const float* e, const T* vc, const int32_t* table, int64_t n, int64_t g0,
                               int64_t g1, const Shapes& sh, float* o) {
   const int64_t D = sh.D, G = sh.G;
-  const float* rows[CHUNK];
+  const T* rows[CHUNK];
   std::fill(o, o + (g1 - g0) * G * D, 0.0f);
   for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
     const int64_t c = std::min(CHUNK, n - j0);
@@ -281,8 +299,8 @@ void weighted_values_portable(const float* e, const float* vc, const int32_t* ta
         float* oh = o + lh * D;
         for (int64_t u = 0; u < c; ++u) {
           const float w = e[lh * n + j0 + u];
-          const float* vj = rows[u] + g * D;
-          for (int64_t d = 0; d < D; ++d) oh[d] += w * vj[d];
+          const T* vj = rows[u] + g * D;
+          for (int64_t d = 0; d < D; ++d) oh[d] += w * to_float(vj[d]);
         }
       }
   }
@@ -291,7 +309,8 @@ void weighted_values_portable(const float* e, const float* vc, const int32_t* ta
 // One row, KV heads g0 .. g1 - 1: scores, softmax, output and (optionally) accumulators of their
 // query heads. Every (KV head, query head) gets the same arithmetic whatever the range, so how
 // the work is split never changes a result.
-void attend_heads(const float* q_row, const float* kc, const float* vc, const int32_t* table, int64_t n,
+template <typename T>
+void attend_heads(const float* q_row, const T* kc, const T* vc, const int32_t* table, int64_t n,
                   int64_t g0, int64_t g1, const Shapes& sh, float scale, bool stats, int64_t sink_tokens,
                   float* out_row, float* acc_row, std::vector<float>& scratch) {
   const int64_t D = sh.D, nh = (g1 - g0) * sh.G, h0 = g0 * sh.G;
@@ -339,10 +358,10 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(const at::Tensor& q, const at::T
               "paged_decode: q must be a contiguous float32 CPU tensor [Bd, H, D]");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
               "paged_decode: k_cache and v_cache must both be [NB, block_size, KVH, D]");
-  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
-                  k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.device().is_cpu() &&
-                  v_cache.device().is_cpu(),
-              "paged_decode: k_cache and v_cache must be contiguous float32 CPU tensors");
+  TORCH_CHECK((k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16) &&
+                  v_cache.scalar_type() == k_cache.scalar_type() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
+              "paged_decode: k_cache and v_cache must be contiguous CPU tensors, both float32 or both bfloat16");
   TORCH_CHECK(block_table.dim() == 2 && block_table.scalar_type() == at::kInt && block_table.stride(1) == 1 &&
                   block_table.device().is_cpu(),
               "paged_decode: block_table must be int32 [Bd, W] with unit column stride");
@@ -372,23 +391,27 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(const at::Tensor& q, const at::T
   at::Tensor out = at::empty({B, H, D}, q.options());
   at::Tensor acc = compute_stats ? at::empty({B, H, 4}, q.options()) : at::empty({0}, q.options());
   const float* qp = q.data_ptr<float>();
-  const float* kc = k_cache.data_ptr<float>();
-  const float* vc = v_cache.data_ptr<float>();
   float* op = out.data_ptr<float>();
   float* ap = compute_stats ? acc.data_ptr<float>() : nullptr;
   const float sc = static_cast<float>(scale);
   // Below ~2k (key, KV head) pairs the work (~30 us) is not worth waking another thread: a
   // fork-join costs microseconds on an idle machine and a scheduler time slice on a busy one.
   const int64_t grain = total_keys * KVH < 2048 ? B * KVH : 1;
-  at::parallel_for(0, B * KVH, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch;
-    for (int64_t i = begin; i < end;) {  // the chunk's (row, KV head) pairs, a row's KV heads together
-      const int64_t b = i / KVH, g0 = i % KVH, g1 = std::min(KVH, g0 + (end - i));
-      attend_heads(qp + b * H * D, kc, vc, table + b * sh.table_stride, lens[b], g0, g1, sh, sc, compute_stats,
-                   sink_tokens, op + b * H * D, compute_stats ? ap + b * H * 4 : nullptr, scratch);
-      i += g1 - g0;
-    }
-  });
+  auto run = [&](const auto* kc, const auto* vc) {
+    at::parallel_for(0, B * KVH, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch;
+      for (int64_t i = begin; i < end;) {  // the chunk's (row, KV head) pairs, a row's KV heads together
+        const int64_t b = i / KVH, g0 = i % KVH, g1 = std::min(KVH, g0 + (end - i));
+        attend_heads(qp + b * H * D, kc, vc, table + b * sh.table_stride, lens[b], g0, g1, sh, sc, compute_stats,
+                     sink_tokens, op + b * H * D, compute_stats ? ap + b * H * 4 : nullptr, scratch);
+        i += g1 - g0;
+      }
+    });
+  };
+  if (k_cache.scalar_type() == at::kBFloat16)
+    run(k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>());
+  else
+    run(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
   return {out, acc};
 }
 
