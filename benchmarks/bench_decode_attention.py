@@ -1,12 +1,15 @@
-"""Decode attention, the torch reference against the CPU fast path, in alternating steps.
+"""Decode attention by backend, KV cache dtype and context length, in alternating steps.
 
     nice -n 10 .venv/bin/python -m benchmarks.bench_decode_attention [--contexts 100,1000] [--batches 1]
-        [--steps 30] [--threads N] [--json out.json]
+        [--steps 30] [--threads N] [--variants torch,cpu] [--json out.json]
 
-Default model, one engine per attention backend over the same loaded weights (telemetry on, every
-step). For each batch size and context length, every engine prefills `batch` prompts of that many
-tokens, then decode steps alternate torch, cpu, torch, cpu ... so both backends share the
-machine's drift. Reported per backend, medians over the measured steps:
+Default model, one engine per variant over the same loaded weights (telemetry on, every step). A
+variant is an attention backend, optionally with a KV cache dtype: `cpu:float32,cpu:bfloat16`
+compares the two caches on the C++ path (default: the backends at --kv-cache-dtype auto). For
+each batch size, one engine per (variant, context length) prefills `batch` prompts of that many
+tokens, then the decode steps of all engines alternate, so every variant and context length
+shares the machine's drift; the log also gives each variant's step time at every context over
+its time at the shortest. Reported per variant and context, medians over the measured steps:
   - step_ms: the whole engine step (schedule, run, sample, update, detokenize);
   - attention_ms: the attention backend's forward summed over the 30 layers (write the new K/V,
     attend, telemetry accumulators), i.e. what the backend choice changes;
@@ -46,67 +49,78 @@ def _all_decoding(engine, batch: int) -> bool:
     return len(running) == batch and all(r.num_computed_tokens >= r.num_prompt_tokens for r in running)
 
 
-def measure(contexts: list[int], batches: list[int], steps: int, backends: tuple[str, ...],
+def measure(contexts: list[int], batches: list[int], steps: int, variants: tuple[str, ...],
             threads: int | None) -> dict:
+    """One engine per (variant, context); the decode steps of all of them alternate, so every
+    variant and every context length shares the machine's drift (contexts measured one after
+    the other differed by 10-20 % from drift alone)."""
     from server.config import CacheConfig, EngineConfig
     from server.engine.engine import Engine
     from server.engine.loader import load_model
     from server.engine.request import SamplingParams
 
     loaded = load_model(None)
-    engines, attn, prep = {}, {}, {}
-    for name in backends:
-        engine = Engine(EngineConfig(cache=CacheConfig(memory_bytes=1 << 30), attention_backend=name,
-                                     num_threads=threads), loaded=loaded)
-        backend = engine.runner.attention
-        assert backend.name == name, (backend.name, name)
-        attn[name], prep[name] = [], []
-        backend.forward = _timed(attn[name], backend.forward)
-        backend.prepare = _timed(prep[name], backend.prepare)
-        engine.generate([engine.tokenize("warm up")], SamplingParams(max_tokens=4, temperature=0))
-        engines[name] = engine
     text = " ".join(f"Sentence {i} of a long document about attention heads and their statistics." for i in range(400))
     rows = []
     for batch in batches:
-        for n in contexts:
-            # requests admitted first decode while later ones prefill: room for that head start
-            params = SamplingParams(max_tokens=steps + 8 + -(-batch * n // 256), temperature=0, ignore_eos=True)
-            for i, engine in enumerate(engines.values()):
+        engines, attn, prep = {}, {}, {}
+        for name in variants:
+            backend_name, _, kv_dtype = name.partition(":")
+            for n in contexts:
+                engine = Engine(EngineConfig(cache=CacheConfig(memory_bytes=1 << 30, dtype=kv_dtype or "auto"),
+                                             attention_backend=backend_name, num_threads=threads), loaded=loaded)
+                backend = engine.runner.attention
+                assert backend.name == backend_name, (backend.name, backend_name)
+                key = (name, n)
+                attn[key], prep[key] = [], []
+                backend.forward = _timed(attn[key], backend.forward)
+                backend.prepare = _timed(prep[key], backend.prepare)
+                # requests admitted first decode while later ones prefill: room for that head start
+                params = SamplingParams(max_tokens=steps + 8 + -(-batch * n // 256), temperature=0, ignore_eos=True)
                 ids = engine.tokenize(text)
                 for b in range(batch):
                     engine.add_request(ids[b * 7:b * 7 + n], params)
                 while not _all_decoding(engine, batch):
                     engine.step()                                            # prefill
                 engine.step()                                                # first decode step, not measured
-            wall = {name: [] for name in engines}
-            cpu = {name: [] for name in engines}
-            per_attn = {name: [] for name in engines}
-            per_attn_cpu = {name: [] for name in engines}
-            per_prep = {name: [] for name in engines}
-            for _ in range(steps):
-                for name, engine in engines.items():
-                    attn[name].clear()
-                    prep[name].clear()
-                    t0, c0 = time.perf_counter(), time.thread_time()
-                    engine.step()
-                    wall[name].append(time.perf_counter() - t0)
-                    cpu[name].append(time.thread_time() - c0)
-                    per_attn[name].append(sum(w for w, _ in attn[name]))
-                    per_attn_cpu[name].append(sum(c for _, c in attn[name]))
-                    per_prep[name].append(sum(w for w, _ in prep[name]))
-            for engine in engines.values():
-                assert _all_decoding(engine, batch), "a request finished or went back to prefill during the measured steps"
-                while engine.has_unfinished():
-                    engine.step()
+                engines[key] = engine
+        wall = {key: [] for key in engines}
+        cpu = {key: [] for key in engines}
+        per_attn = {key: [] for key in engines}
+        per_attn_cpu = {key: [] for key in engines}
+        per_prep = {key: [] for key in engines}
+        for _ in range(steps):
+            for key, engine in engines.items():
+                attn[key].clear()
+                prep[key].clear()
+                t0, c0 = time.perf_counter(), time.thread_time()
+                engine.step()
+                wall[key].append(time.perf_counter() - t0)
+                cpu[key].append(time.thread_time() - c0)
+                per_attn[key].append(sum(w for w, _ in attn[key]))
+                per_attn_cpu[key].append(sum(c for _, c in attn[key]))
+                per_prep[key].append(sum(w for w, _ in prep[key]))
+        for engine in engines.values():
+            assert _all_decoding(engine, batch), "a request finished or went back to prefill during the measured steps"
+        for n in contexts:
             row = {"batch": batch, "context": n}
-            for name in engines:
-                row[name] = {"step_ms": round(statistics.median(wall[name]) * 1e3, 3),
-                             "attention_ms": round(statistics.median(per_attn[name]) * 1e3, 3),
-                             "prepare_ms": round(statistics.median(per_prep[name]) * 1e3, 3),
-                             "step_cpu_ms": round(statistics.median(cpu[name]) * 1e3, 3),
-                             "attention_cpu_ms": round(statistics.median(per_attn_cpu[name]) * 1e3, 3)}
+            for name in variants:
+                key = (name, n)
+                row[name] = {"step_ms": round(statistics.median(wall[key]) * 1e3, 3),
+                             "attention_ms": round(statistics.median(per_attn[key]) * 1e3, 3),
+                             "prepare_ms": round(statistics.median(per_prep[key]) * 1e3, 3),
+                             "step_cpu_ms": round(statistics.median(cpu[key]) * 1e3, 3),
+                             "attention_cpu_ms": round(statistics.median(per_attn_cpu[key]) * 1e3, 3)}
             log(str(row))
             rows.append(row)
+        if len(contexts) > 1:
+            base = min(contexts)
+            for name in variants:
+                for n in contexts:
+                    if n != base:
+                        log(f"{name}: step at {n} / at {base} tokens = "
+                            f"{statistics.median(wall[(name, n)]) / statistics.median(wall[(name, base)]):.2f}x")
+        del engines
     return {"date": time.strftime("%Y-%m-%d %H:%M"), "steps": steps, "rows": rows}
 
 
@@ -116,12 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1", help="sequences decoding together (default 1)")
     ap.add_argument("--steps", type=int, default=30, help="decode steps measured per backend (default 30)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the engine's default)")
+    ap.add_argument("--variants", default="torch,cpu",
+                    help="backends to compare, each optionally :float32 or :bfloat16 for its KV cache (default torch,cpu)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     import torch
 
     res = measure([int(c) for c in args.contexts.split(",")], [int(b) for b in args.batches.split(",")],
-                  args.steps, ("torch", "cpu"), args.threads)
+                  args.steps, tuple(args.variants.split(",")), args.threads)
     res["threads"] = torch.get_num_threads()
     from benchmarks.report import emit
 
