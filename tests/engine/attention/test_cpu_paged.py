@@ -70,7 +70,7 @@ def float64_acc(q: torch.Tensor, k: torch.Tensor, sink: int = 4) -> torch.Tensor
     return torch.stack([e.sum(-1), (e * shifted).sum(-1), e[:, :sink].sum(-1), (e * j).sum(-1)], -1)  # [H, 4]
 
 
-@pytest.mark.parametrize("n", [1, 15, 16, 17, 33, 300])
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 33, 300, 511, 512, 513, 1024, 1100])  # > 512: split rows
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (9, 3)])
 def test_op_matches_float64_and_the_reference(op, n, heads, kv_heads):
     d = 64
@@ -89,7 +89,7 @@ def test_op_matches_float64_and_the_reference(op, n, heads, kv_heads):
 def test_batch_of_lengths_telemetry_off_and_row_independence(op, d):
     """Different lengths in one call; output bit-identical with telemetry off; each row alone
     gives bit for bit what it gives inside the batch."""
-    lens = [1, 15, 16, 17, 33, 130]
+    lens = [1, 15, 16, 17, 33, 130, 600, 1030]                        # the last two run in splits
     q, kc, vc, table, seq, keys, values = paged(lens, 9, 3, d, seed=d)
     scale = 1 / math.sqrt(d)
     out, acc = op(q, kc, vc, table, seq, scale, True, 4)
@@ -130,11 +130,22 @@ def test_sharp_attention_and_sink_tokens(op):
     honoured. Scores of magnitude ~300 carry ~3e-5 relative float32 error into each e_j (the
     torch reference misses 1e-5 relative on these sums too), hence 1e-4 on the sums and output."""
     q, kc, vc, table, lens, keys, values = paged([700], 4, 1, 64, seed=11, qscale=50.0)
-    out, acc = op(q, kc, vc, table, lens, 0.125, True, 7)
+    out, acc = op(q, kc, vc, table, lens, 0.125, True, 7)              # two splits: 512 + 188 keys
     assert_acc_close(acc[0], float64_acc(q[0], keys[0], sink=7), rel=1e-4)
     ref_out, ref_stats = reference_row(q[0], keys[0], values[0], sink=7)
     assert (out[0].double() - ref_out).abs().max() < 1e-4
     assert (finalize_stats(acc, lens)[0].double() - ref_stats).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("sink", [0, 4, 520])  # 520: the sink spans the first split and part of the second
+def test_split_rows_merge_every_accumulator(op, sink):
+    """A 1,100-key row runs as splits of 512, 512 and 76 keys, merged in order: accumulators
+    (positions counted from the row's start, the sink across splits) equal float64."""
+    q, kc, vc, table, lens, keys, values = paged([1100], 9, 3, 64, seed=21)
+    out, acc = op(q, kc, vc, table, lens, 0.125, True, sink)
+    assert_acc_close(acc[0], float64_acc(q[0], keys[0], sink=sink))
+    ref_out, _ = reference_row(q[0], keys[0], values[0], sink=max(sink, 1))
+    assert (out[0].double() - ref_out).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("d", [64, 8])  # 8: the portable loops

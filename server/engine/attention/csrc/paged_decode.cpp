@@ -2,9 +2,12 @@
 //
 // One query row per sequence (the decode rows of a step) attends over its seq_len keys, read
 // directly from one layer's paged K/V cache through its block table: no gathered, padded copy.
-// Work is split over (row, KV head) pairs with at::parallel_for; a thread that holds several KV
-// heads of one row reads each cache slot whole, and the G = H / KVH query heads of a KV head
-// share every key and value load. Per (row, query head) an exact two-pass softmax, as in the
+// Work is split over (row, split, KV head) items with at::parallel_for: a row of more than
+// SPLIT_KEYS keys runs as splits of that many keys (flash-decoding), so even one long row keeps
+// both threads busy, and its splits are merged afterwards in a fixed order (merge_splits, the
+// centred merge of server/engine/telemetry.py). A thread that holds several KV heads of one
+// split reads each cache slot whole, and the G = H / KVH query heads of a KV head share every
+// key and value load. Per (row, query head) an exact two-pass softmax, as in the
 // torch reference
 // (server/engine/attention/torch_ref.py, attend):
 //   s_j = (q . k_j) * scale            into a scratch row, j = 0 .. n-1 (only valid keys exist here)
@@ -14,8 +17,9 @@
 // The cache holds float32 or bfloat16 keys and values (a bfloat16 element is widened exactly to
 // float32 on load: its bits shifted into the high half). Everything accumulates in float32. l and out come from the same code whether or not telemetry
 // is computed (the statistics are extra loops over the same e), so out is bit-identical either
-// way; every (row, query head) gets the same arithmetic however the work is split, so a row's
-// result never depends on the batch or the thread count.
+// way; every (row, query head) gets the same arithmetic however the work is split among threads
+// (its splits depend on its length only), so a row's result never depends on the batch or the
+// thread count.
 // Keys and values are read in tiles of 16 (one tile stays in L1 while all its heads use it). With
 // AVX-512 and D a multiple of 16, a tile's 16 x G dot products end in one transpose-and-add
 // (hsum16), values accumulate in registers and exp is 16 lanes wide; elsewhere portable loops
@@ -111,8 +115,9 @@ inline float exp_and_sum(const float* s, float m, float* e, int64_t n) {
   return reduce_lanes(acc);
 }
 
-// The telemetry sums besides l: t = sum e (s - m), sink = sum_{j < sink_tokens} e, pos = sum e j.
-inline void stat_sums(const float* s, const float* e, float m, int64_t n, int64_t sink_tokens,
+// The telemetry sums besides l over keys k0 .. k0 + n - 1 (s, e indexed from k0):
+// t = sum e (s - m), sink = sum_{j < sink_tokens} e, pos = sum e j.
+inline void stat_sums(const float* s, const float* e, float m, int64_t n, int64_t k0, int64_t sink_tokens,
                       float* out3) {
   float t_acc[LANES] = {0.0f};
   float p_acc[LANES] = {0.0f};
@@ -121,14 +126,14 @@ inline void stat_sums(const float* s, const float* e, float m, int64_t n, int64_
     for (int64_t u = 0; u < LANES; ++u) {
       const float ej = e[j + u];
       t_acc[u] += ej * (s[j + u] - m);
-      p_acc[u] += ej * static_cast<float>(j + u);
+      p_acc[u] += ej * static_cast<float>(k0 + j + u);
     }
   for (int64_t u = 0; j < n; ++j, ++u) {
     t_acc[u] += e[j] * (s[j] - m);
-    p_acc[u] += e[j] * static_cast<float>(j);
+    p_acc[u] += e[j] * static_cast<float>(k0 + j);
   }
   float sink = 0.0f;
-  for (int64_t k = 0; k < std::min(n, sink_tokens); ++k) sink += e[k];
+  for (int64_t k = 0; k < std::min(n, sink_tokens - k0); ++k) sink += e[k];
   out3[0] = reduce_lanes(t_acc);
   out3[1] = sink;
   out3[2] = reduce_lanes(p_acc);
@@ -139,7 +144,10 @@ struct Shapes {
   int64_t slot_stride;  // floats between consecutive cache slots: KVH * D
 };
 
-constexpr int64_t CHUNK = 16;  // keys per tile: one tile of K or V (16 x D floats) stays in L1 for all G heads
+constexpr int64_t CHUNK = 16;
+// Keys per split of a long row (a multiple of the block size is used): below it a row is one
+// work item per KV head; above, its splits spread over the threads even at batch 1.
+constexpr int64_t SPLIT_KEYS = 512;  // keys per tile: one tile of K or V (16 x D floats) stays in L1 for all G heads
 
 // Pointers to the D elements of KV head g of keys j0 .. j0 + c - 1 (block-table addressing).
 template <typename T>
@@ -309,10 +317,14 @@ void weighted_values_portable(const float* e, const T* vc, const int32_t* table,
 // One row, KV heads g0 .. g1 - 1: scores, softmax, output and (optionally) accumulators of their
 // query heads. Every (KV head, query head) gets the same arithmetic whatever the range, so how
 // the work is split never changes a result.
+// Keys k0 .. k0 + n - 1 of the row (k0 a multiple of the block size; table already advanced to
+// k0's block). part == nullptr: the row's whole range, written as out_row [H, D] and acc_row
+// [H, 4]; else one split of it, written unnormalized into part [H, PART] (per head: sum e v [D],
+// then m, l, t, sink, pos) for merge_splits.
 template <typename T>
-void attend_heads(const float* q_row, const T* kc, const T* vc, const int32_t* table, int64_t n,
+void attend_heads(const float* q_row, const T* kc, const T* vc, const int32_t* table, int64_t n, int64_t k0,
                   int64_t g0, int64_t g1, const Shapes& sh, float scale, bool stats, int64_t sink_tokens,
-                  float* out_row, float* acc_row, std::vector<float>& scratch) {
+                  float* out_row, float* acc_row, float* part, std::vector<float>& scratch) {
   const int64_t D = sh.D, nh = (g1 - g0) * sh.G, h0 = g0 * sh.G;
   scratch.resize(static_cast<size_t>(2 * nh * n + nh * D + 2 * nh));
   float* s = scratch.data();  // [nh, n] scores
@@ -338,6 +350,16 @@ void attend_heads(const float* q_row, const T* kc, const T* vc, const int32_t* t
     }
     weighted_values_portable(e, vc, table, n, g0, g1, sh, o);
   }
+  if (part != nullptr) {
+    for (int64_t lh = 0; lh < nh; ++lh) {
+      float* dst = part + (h0 + lh) * (D + 5);
+      std::copy(o + lh * D, o + (lh + 1) * D, dst);
+      dst[D] = m[lh];
+      dst[D + 1] = l[lh];
+      if (stats) stat_sums(s + lh * n, e + lh * n, m[lh], n, k0, sink_tokens, dst + D + 2);
+    }
+    return;
+  }
   for (int64_t lh = 0; lh < nh; ++lh) {
     float* dst = out_row + (h0 + lh) * D;
     for (int64_t d = 0; d < D; ++d) dst[d] = o[lh * D + d] / l[lh];
@@ -346,7 +368,36 @@ void attend_heads(const float* q_row, const T* kc, const T* vc, const int32_t* t
   for (int64_t lh = 0; lh < nh; ++lh) {
     float* a = acc_row + (h0 + lh) * 4;
     a[0] = l[lh];
-    stat_sums(s + lh * n, e + lh * n, m[lh], n, sink_tokens, a + 1);
+    stat_sums(s + lh * n, e + lh * n, m[lh], n, k0, sink_tokens, a + 1);
+  }
+}
+
+// One (row, query head)'s splits, in order, merged exactly as server/engine/telemetry.py's
+// merge_partials does (each split centred at its own max m_c; M = max m_c, w_c = exp(m_c - M)):
+// l = sum w_c l_c, out = (sum w_c o_c) / l, t = sum w_c (t_c + l_c (m_c - M)), sink and pos
+// weighted like l. parts: S splits of [D + 5] floats each, PART floats apart.
+void merge_splits(const float* parts, int64_t S, int64_t stride, int64_t D, bool stats, float* out, float* acc) {
+  float M = parts[D];
+  for (int64_t c = 1; c < S; ++c) M = std::max(M, parts[c * stride + D]);
+  std::fill(out, out + D, 0.0f);
+  float l = 0.0f, t = 0.0f, sink = 0.0f, pos = 0.0f;
+  for (int64_t c = 0; c < S; ++c) {
+    const float* p = parts + c * stride;
+    const float w = exp_nonpositive(p[D] - M);
+    for (int64_t d = 0; d < D; ++d) out[d] += w * p[d];
+    l += w * p[D + 1];
+    if (stats) {
+      t += w * (p[D + 2] + p[D + 1] * (p[D] - M));
+      sink += w * p[D + 3];
+      pos += w * p[D + 4];
+    }
+  }
+  for (int64_t d = 0; d < D; ++d) out[d] /= l;
+  if (stats) {
+    acc[0] = l;
+    acc[1] = t;
+    acc[2] = sink;
+    acc[3] = pos;
   }
 }
 
@@ -396,14 +447,34 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(const at::Tensor& q, const at::T
   const float sc = static_cast<float>(scale);
   // Below ~2k (key, KV head) pairs the work (~30 us) is not worth waking another thread: a
   // fork-join costs microseconds on an idle machine and a scheduler time slice on a busy one.
-  const int64_t grain = total_keys * KVH < 2048 ? B * KVH : 1;
+  // Rows longer than SPLIT keys run as ceil(n / SPLIT) splits of SPLIT keys (the last shorter),
+  // each its own work item, merged afterwards in order (merge_splits): the splits of a row
+  // depend on its length only, so its result still never depends on the batch or the threads.
+  const int64_t split = std::max<int64_t>(SPLIT_KEYS, bs) / bs * bs;
+  std::vector<int64_t> item_base(B + 1, 0), part_base(B + 1, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t S = (lens[b] + split - 1) / split;
+    item_base[b + 1] = item_base[b] + S * KVH;
+    part_base[b + 1] = part_base[b] + (S > 1 ? S : 0);
+  }
+  const int64_t items = item_base[B];
+  const int64_t part_stride = H * (D + 5);
+  at::Tensor parts = at::empty({part_base[B] * part_stride}, q.options());  // [splits of split rows, H, D + 5]
+  float* pp = parts.data_ptr<float>();
+  const int64_t grain = total_keys * KVH < 2048 ? items : 1;
   auto run = [&](const auto* kc, const auto* vc) {
-    at::parallel_for(0, B * KVH, grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch;
-      for (int64_t i = begin; i < end;) {  // the chunk's (row, KV head) pairs, a row's KV heads together
-        const int64_t b = i / KVH, g0 = i % KVH, g1 = std::min(KVH, g0 + (end - i));
-        attend_heads(qp + b * H * D, kc, vc, table + b * sh.table_stride, lens[b], g0, g1, sh, sc, compute_stats,
-                     sink_tokens, op + b * H * D, compute_stats ? ap + b * H * 4 : nullptr, scratch);
+      int64_t b = std::upper_bound(item_base.begin(), item_base.end(), begin) - item_base.begin() - 1;
+      for (int64_t i = begin; i < end;) {  // the range's (row, split, KV head) items, a split's KV heads together
+        while (i >= item_base[b + 1]) ++b;
+        const int64_t r = i - item_base[b], c = r / KVH, g0 = r % KVH;
+        const int64_t g1 = std::min(KVH, g0 + std::min(end, item_base[b + 1]) - i);
+        const int64_t n = lens[b], k0 = c * split, nk = std::min(split, n - k0);
+        const bool whole = nk == n;
+        attend_heads(qp + b * H * D, kc, vc, table + b * sh.table_stride + k0 / bs, nk, k0, g0, g1, sh, sc,
+                     compute_stats, sink_tokens, op + b * H * D, compute_stats ? ap + b * H * 4 : nullptr,
+                     whole ? nullptr : pp + (part_base[b] + c) * part_stride, scratch);
         i += g1 - g0;
       }
     });
@@ -412,6 +483,16 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(const at::Tensor& q, const at::T
     run(k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>());
   else
     run(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
+  if (part_base[B] > 0) {
+    at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / H, h = i % H, S = part_base[b + 1] - part_base[b];
+        if (S == 0) continue;
+        merge_splits(pp + part_base[b] * part_stride + h * (D + 5), S, part_stride, D, compute_stats,
+                     op + (b * H + h) * D, compute_stats ? ap + (b * H + h) * 4 : nullptr);
+      }
+    });
+  }
   return {out, acc};
 }
 
