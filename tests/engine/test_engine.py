@@ -40,14 +40,6 @@ def run_staggered(engine: Engine, prompts, params_list, arrivals_per_step: int =
     return results
 
 
-@pytest.fixture(params=["fp32", "q4"])
-def tiny_dir(request, tiny_llama_dir, tiny_llama_q4_dir):
-    """Every engine test here on the reference path (a float32 folder: fp32 weights) and on the
-    quantized path (the same model as Q4_1 / Q8_0 blocks: int4 and int8 kernels, bfloat16
-    prefill copies, the fused layer ops)."""
-    return tiny_llama_dir if request.param == "fp32" else tiny_llama_q4_dir
-
-
 def alone(engine: Engine, prompt, params) -> tuple:
     done = engine.generate([prompt], params)[0]
     return done.token_ids, done.finish_reason

@@ -20,8 +20,8 @@ def observe(engine: Engine) -> list[StepStats]:
     return seen
 
 
-def test_latencies_and_finished_requests_match_the_streams(tiny_llama_dir):
-    engine = engine_with(tiny_llama_dir, attention_time_sample_rate=1.0)
+def test_latencies_and_finished_requests_match_the_streams(tiny_dir):
+    engine = engine_with(tiny_dir, attention_time_sample_rate=1.0)
     steps = observe(engine)
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (3, 7)]
     done = engine.generate(["Hello world", "The capital of France is"], params)
@@ -43,20 +43,20 @@ def test_latencies_and_finished_requests_match_the_streams(tiny_llama_dir):
         assert all(0.0 < t < st.step_time for t in st.attention_times)
 
 
-def test_attention_timing_is_sampled_and_can_be_off(tiny_llama_dir):
-    engine = engine_with(tiny_llama_dir, attention_time_sample_rate=0.25)
+def test_attention_timing_is_sampled_and_can_be_off(tiny_dir):
+    engine = engine_with(tiny_dir, attention_time_sample_rate=0.25)
     steps = observe(engine)
     engine.generate(["Hello world"], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
     timed = [st for st in steps if st.attention_times is not None]
     assert len(steps) == 16 and len(timed) == 4
-    engine = engine_with(tiny_llama_dir, attention_time_sample_rate=0.0)
+    engine = engine_with(tiny_dir, attention_time_sample_rate=0.0)
     steps = observe(engine)
     engine.generate(["Hello world"], SamplingParams(max_tokens=4, temperature=0.0))
     assert steps and all(st.attention_times is None for st in steps)
 
 
-def test_abort_of_a_waiting_request_is_observed(tiny_llama_dir):
-    engine = engine_with(tiny_llama_dir)
+def test_abort_of_a_waiting_request_is_observed(tiny_dir):
+    engine = engine_with(tiny_dir)
     steps = observe(engine)
     rid = engine.add_request("Hello world", SamplingParams(max_tokens=4))
     engine.abort(rid)
@@ -66,8 +66,8 @@ def test_abort_of_a_waiting_request_is_observed(tiny_llama_dir):
     assert all(st.num_scheduled_tokens == 0 for st in steps)
 
 
-def test_failing_observer_does_not_stop_serving(tiny_llama_dir):
-    engine = engine_with(tiny_llama_dir)
+def test_failing_observer_does_not_stop_serving(tiny_dir):
+    engine = engine_with(tiny_dir)
 
     def broken(_step):
         raise RuntimeError("observer bug")
@@ -78,15 +78,15 @@ def test_failing_observer_does_not_stop_serving(tiny_llama_dir):
     assert len(done.token_ids) == 3 and len(steps) == 3
 
 
-def test_telemetry_off_keeps_no_request_heads(tiny_llama_dir):
-    engine = engine_with(tiny_llama_dir, enabled=False)
+def test_telemetry_off_keeps_no_request_heads(tiny_dir):
+    engine = engine_with(tiny_dir, enabled=False)
     steps = observe(engine)
     engine.generate(["Hello"], SamplingParams(max_tokens=3, temperature=0.0))
     assert all(f.head_telemetry is None for st in steps for f in st.finished)
 
 
-def test_internal_requests_are_left_out_of_every_statistic(tiny_llama_dir):
-    engine = engine_with(tiny_llama_dir)
+def test_internal_requests_are_left_out_of_every_statistic(tiny_dir):
+    engine = engine_with(tiny_dir)
     steps = observe(engine)
     warm = engine.add_request("Hello", SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), internal=True)
     user = engine.add_request("Hello world", SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))

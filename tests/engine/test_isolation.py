@@ -88,8 +88,8 @@ def solo_outputs(engine: Engine) -> list[tuple]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_llama_dir):
-    engine = Engine(EngineConfig(model=tiny_llama_dir, cache=CacheConfig(num_blocks=96),
+def tiny(tiny_dir):
+    engine = Engine(EngineConfig(model=tiny_dir, cache=CacheConfig(num_blocks=96),
                                  scheduler=SchedulerConfig(max_model_len=96, max_num_batched_tokens=32)))
     return engine, solo_outputs(engine)
 

@@ -14,8 +14,8 @@ from server.engine.scheduler import ScheduledRequest
 
 
 @pytest.fixture(scope="module")
-def runner(tiny_llama_dir):
-    return Engine(EngineConfig(model=tiny_llama_dir, cache=CacheConfig(num_blocks=64),
+def runner(tiny_dir):
+    return Engine(EngineConfig(model=tiny_dir, cache=CacheConfig(num_blocks=64),
                                scheduler=SchedulerConfig(max_model_len=256))).runner
 
 

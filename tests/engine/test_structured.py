@@ -20,8 +20,8 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_llama_dir):
-    return Engine(EngineConfig(model=tiny_llama_dir, cache=CacheConfig(num_blocks=128),
+def engine(tiny_dir):
+    return Engine(EngineConfig(model=tiny_dir, cache=CacheConfig(num_blocks=128),
                                scheduler=SchedulerConfig(max_model_len=256)))
 
 
