@@ -72,15 +72,16 @@ def sync_time(device: str) -> float:
 
 def engine_for(path: str, loaded, device: str, backend: str, max_seqs: int, max_len: int, dtype: str,
                telemetry: bool = True):
-    """An engine over the loaded model: bf16 weights; activations and KV cache in dtype where
+    """An engine over the loaded model: bf16 weights; the KV cache in dtype (CacheConfig.dtype
+    has float32 and bfloat16; float16 runs a float32 cache); activations in dtype where
     EngineConfig has a dtype field (--dtype, issue 14), else float32. Attention time sampling off
     (its per-layer synchronization would be timed)."""
-    from server.config import CacheConfig, EngineConfig, SchedulerConfig, TelemetryConfig
+    from server.config import KV_CACHE_DTYPES, CacheConfig, EngineConfig, SchedulerConfig, TelemetryConfig
     from server.engine.engine import Engine
 
     extra = {"dtype": dtype} if "dtype" in EngineConfig.__dataclass_fields__ else {}
     cfg = EngineConfig(model=path, device=device, attention_backend=backend, weight_format="bf16",
-                       cache=CacheConfig(memory_bytes=4 << 30),
+                       cache=CacheConfig(memory_bytes=4 << 30, dtype=dtype if dtype in KV_CACHE_DTYPES else "float32"),
                        scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max(2048, max_seqs),
                                                  max_model_len=max_len),
                        telemetry=TelemetryConfig(enabled=telemetry, attention_time_sample_rate=0.0), **extra)
