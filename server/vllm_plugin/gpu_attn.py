@@ -29,9 +29,14 @@ from server.vllm_plugin.settings import PluginSettings
 SPLIT_LAYOUT = "split"
 
 
-def graph_support(stock: AttentionCGSupport) -> AttentionCGSupport:
-    """The full-graph support to report: none while telemetry samples, else the stock one."""
-    return AttentionCGSupport.NEVER if PluginSettings.from_env().sample_rate > 0 else stock
+class EagerWhileSampling:
+    """Mixin placed before a stock metadata builder: it reports no full CUDA-graph support while
+    telemetry samples (HEADWISE_TELEMETRY_SAMPLE_RATE > 0), else the stock builder's."""
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        stock = super().get_cudagraph_support(vllm_config, kv_cache_spec)
+        return AttentionCGSupport.NEVER if PluginSettings.from_env().sample_rate > 0 else stock
 
 
 class HeadwiseFlashAttentionImpl(TelemetryImpl, FlashAttentionImpl):
@@ -39,10 +44,8 @@ class HeadwiseFlashAttentionImpl(TelemetryImpl, FlashAttentionImpl):
         return SPLIT_LAYOUT
 
 
-class HeadwiseFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
-    @classmethod
-    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
-        return graph_support(super().get_cudagraph_support(vllm_config, kv_cache_spec))
+class HeadwiseFlashAttentionMetadataBuilder(EagerWhileSampling, FlashAttentionMetadataBuilder):
+    pass
 
 
 class HeadwiseFlashAttentionBackend(FlashAttentionBackend):
@@ -64,10 +67,8 @@ class HeadwiseTritonAttentionImpl(TelemetryImpl, TritonAttentionImpl):
         return None if self._is_per_token_head_quant else SPLIT_LAYOUT
 
 
-class HeadwiseTritonAttentionMetadataBuilder(TritonAttentionMetadataBuilder):
-    @classmethod
-    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
-        return graph_support(super().get_cudagraph_support(vllm_config, kv_cache_spec))
+class HeadwiseTritonAttentionMetadataBuilder(EagerWhileSampling, TritonAttentionMetadataBuilder):
+    pass
 
 
 class HeadwiseTritonAttentionBackend(TritonAttentionBackend):
