@@ -47,4 +47,8 @@ echo "[setup] building the fused CPU layer ops (C++)"
 if ! .venv/bin/python -c "import sys; from server.engine.layer_ops import load_layer_ops; sys.exit(load_layer_ops() is None)"; then
   echo "[setup] warning: the fused CPU layer ops did not build (reason above); the quantized path will run them as torch ops"
 fi
+echo "[setup] building the quantized CPU matmul (C++, AVX-512 BF16)"
+if ! .venv/bin/python -c "import sys; from server.engine.quant_matmul import load_quant_matmul; sys.exit(load_quant_matmul() is None)"; then
+  echo "[setup] warning: the quantized CPU matmul did not build (reason above); int4 / int8 weights will run on torch's kernels"
+fi
 echo "[setup] done: .venv/bin/headwise --help"

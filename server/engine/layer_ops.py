@@ -18,13 +18,12 @@ it stays the exactness reference.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from server.engine.attention.cpu_extension import CFLAGS, _missing_tool
+from server.engine.attention.cpu_extension import CFLAGS, build_library
 
 logger = logging.getLogger(__name__)
 
@@ -42,22 +41,12 @@ class LayerOps:
 @functools.cache
 def load_layer_ops() -> LayerOps | None:
     """Build (first time) and load the ops; never raises. None, with one warning, when unavailable."""
-    reason = _missing_tool()
+    reason = build_library("headwise_layer_ops", SOURCE, FLAGS)
     if reason is None:
-        try:
-            import torch
-            from torch.utils.cpp_extension import load
+        import torch
 
-            from server.engine.attention.cpu_extension import _library_name
-
-            tag = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:8]
-            name = _library_name().replace("headwise_paged_decode_", "headwise_layer_ops_") + "_" + tag
-            load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, is_python_module=False)
-            ops = torch.ops.headwise_layer
-            return LayerOps(ops.rms_norm_bf16, ops.silu_mul_bf16, ops.qkv_rope)
-        except Exception as exc:  # no source, a compiler or linker error, an unwritable cache dir
-            lines = str(exc).strip().splitlines()
-            reason = f"building {SOURCE.name} failed: {type(exc).__name__}: {lines[0] if lines else ''}"
+        ops = torch.ops.headwise_layer
+        return LayerOps(ops.rms_norm_bf16, ops.silu_mul_bf16, ops.qkv_rope)
     logger.warning("headwise: the fused CPU layer ops are unavailable (%s); the quantized path runs them as torch ops",
                    reason)
     return None

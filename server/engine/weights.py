@@ -5,14 +5,17 @@ QuantizedTensor (a GGUF Q4_0 / Q4_1 / Q8_0 matrix in its own blocks), and a form
 
   fp32  F.linear in float32 over the dequantized weight: the exactness reference.
   bf16  F.linear in bfloat16 (activations cast on the way in, the output cast back to float32).
-  int8  torch's weight-only int8 kernel (_weight_int8pack_mm): one symmetric scale per output
-        row, re-quantized from the source values (not exact: Q8_0 has a scale per 32 weights);
-        bfloat16 activations.
-  int4  torch's weight-only int4 kernel for CPUs (_weight_int4pack_mm_for_cpu), group size 32,
-        which is exactly GGUF's Q4_0 / Q4_1: w = (q - 8) * scale + zero with scale = d and
-        zero = m + 8 d (Q4_1) or 0 (Q4_0). The kernel keeps scale and zero in bfloat16, so a
-        group's scale differs from the file's float16 d by at most 2^-9 relative (a Q4 step is
-        1/15 of the group's range); bfloat16 activations.
+  int8  Q8_0 blocks (a float16 scale per 32 weights): the file's own for a Q8_0 tensor, else
+        quantized from the values at load; bfloat16 activations.
+  int4  the GGUF's Q4_0 / Q4_1 blocks as they are: w = (q - 8) d or q d + m; bfloat16 activations.
+
+Both run on our CPU kernel (quant_matmul.py, csrc/quant_matmul.cpp), which multiplies the file's
+exact values (the integers exactly in bfloat16, d and m in float16) and decodes each weight tile
+once for all the decode rows of a step. Where it cannot be built (a CPU without AVX-512 BF16, no
+compiler) they run on torch's weight-only kernels instead, with one warning: int4 on
+_weight_int4pack_mm_for_cpu (group 32, scale = d and zero = m + 8 d rounded to bfloat16, at most
+2^-9 relative), int8 on _weight_int8pack_mm (one symmetric scale per output row, re-quantized from
+the values: not exact for Q8_0).
 
 auto picks per tensor the closest fast format to the file's own: Q4_0 / Q4_1 -> int4, Q8_0 ->
 int8, float16 / bfloat16 -> bf16, float32 and every other GGUF type (dequantized by the loader)
@@ -24,8 +27,9 @@ input. The int8 and int4 kernels compute each row on its own, bit for bit whatev
 (tested); the dense fp32 and bf16 GEMMs block differently for different row counts, so their
 last bits can move with the batch.
 
-Prefill rows: the int4 and int8 kernels are row-at-a-time (their cost grows linearly with the
-rows; from about 8 rows on, a dense bf16 GEMM is faster, 2.4x at a 128-row chunk), so an int4 /
+Prefill rows: the quantized kernels are made for a few rows (torch's compute one row at a time;
+ours decodes each weight once per 8 rows, but a dense bf16 GEMM is still faster for the 256-row
+chunks of a prompt, 2.4x against torch's at 128 rows), so an int4 /
 int8 projection also keeps a bfloat16 copy of its weights (the file's values rounded once) and
 runs prefill rows through it, decode rows through the quantized kernel (split_rows). The kernel
 follows the row's kind, never the batch size, so a decode's tokens never depend on its batch.
@@ -41,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from server.config import WEIGHT_FORMATS
+from server.engine.quant_matmul import QuantMatmul, load_quant_matmul, pack_blocks, quantize_q8_0
 
 GROUP = 32                              # weights per GGUF block (Q4_0, Q4_1, Q8_0)
 QUANT_KINDS = ("Q4_0", "Q4_1", "Q8_0")
@@ -181,37 +186,53 @@ class Bf16Linear:
 
 
 class Int8Linear:
-    """Weight-only int8 with one symmetric scale per output row; bfloat16 activations."""
+    """Weight-only int8; bfloat16 activations. With our kernel (quant_matmul.py): Q8_0 blocks,
+    the file's own when it has them, else quantized here with a scale per 32 weights. Without it:
+    torch's kernel with one symmetric scale per output row, re-quantized from the values."""
 
     format = "int8"
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, prefill: Bf16Linear | None = None) -> None:
+    def __init__(self, w: torch.Tensor | QuantizedTensor, bias: torch.Tensor | None,
+                 prefill: Bf16Linear | None = None, kernel: QuantMatmul | None = None) -> None:
+        self.bias = bias
+        self.prefill = prefill
+        self.kernel = kernel
+        if kernel is not None:
+            q, d = (w.q, w.scales) if isinstance(w, QuantizedTensor) and w.kind == "Q8_0" else quantize_q8_0(dense(w))
+            self.blocks = pack_blocks("Q8_0", q, d, None)
+            return
+        weight = dense(w)                                                            # [out, in]
         amax = weight.abs().amax(dim=1).clamp_min(1e-30)                             # [out]
         # the scale the kernel uses is the bfloat16 one: quantize against exactly it
         scale = (amax / 127.0).to(torch.bfloat16)                                    # [out]
         self.qweight = (weight / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)  # [out, in]
         self.scales = scale                                                          # [out]
-        self.bias = bias
-        self.prefill = prefill
 
     def __call__(self, x: torch.Tensor, num_decodes: int | None = None) -> torch.Tensor:
         return split_rows(self._quantized, self.prefill, x, num_decodes)           # [T, out]
 
     def _quantized(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel.mm(x, self.blocks, self.bias)                         # [T, out]
         y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales).float()  # [T, out]
         return y if self.bias is None else y + self.bias
 
-    def dequantized(self) -> torch.Tensor:
-        """The float32 weights this kernel multiplies by [out, in]."""
-        return self.qweight.float() * self.scales.float()[:, None]                   # [out, in]
-
 
 class Int4Linear:
-    """GGUF Q4_0 / Q4_1 blocks in torch's CPU int4 layout (group 32); bfloat16 activations."""
+    """GGUF Q4_0 / Q4_1 blocks; bfloat16 activations. With our kernel (quant_matmul.py) in the
+    file's own values; without it in torch's CPU int4 layout (group 32, scale and zero rounded to
+    bfloat16)."""
 
     format = "int4"
 
-    def __init__(self, w: QuantizedTensor, bias: torch.Tensor | None, prefill: Bf16Linear | None = None) -> None:
+    def __init__(self, w: QuantizedTensor, bias: torch.Tensor | None, prefill: Bf16Linear | None = None,
+                 kernel: QuantMatmul | None = None) -> None:
+        self.bias = bias
+        self.prefill = prefill
+        self.kernel = kernel
+        if kernel is not None:
+            self.blocks = pack_blocks(w.kind, w.q, w.scales, w.mins)
+            return
         out, k = w.shape
         pad = -out % _INT4_N_MULTIPLE
         q = w.q.to(torch.int32)                                                      # [out, in]
@@ -225,13 +246,13 @@ class Int4Linear:
         self.padded = bool(pad)
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)  # [out + pad, in / 2] uint8
         self.scales_zeros = torch.stack([d, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # [G, out + pad, 2]
-        self.bias = bias
-        self.prefill = prefill
 
     def __call__(self, x: torch.Tensor, num_decodes: int | None = None) -> torch.Tensor:
         return split_rows(self._quantized, self.prefill, x, num_decodes)           # [T, out]
 
     def _quantized(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel.mm(x, self.blocks, self.bias)                         # [T, out]
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP,
                                                         self.scales_zeros).float()  # [T, out + pad]
         if self.padded:
@@ -254,14 +275,16 @@ def split_rows(quantized, prefill: Bf16Linear | None, x: torch.Tensor, num_decod
 
 
 def make_linear(w: torch.Tensor | QuantizedTensor, bias: torch.Tensor | None, fmt: str, name: str,
-                device: torch.device, dense_prefill: bool = False) -> Linear:
+                device: torch.device, dense_prefill: bool = False, quant_kernel: bool = True) -> Linear:
     """One projection in its resolved format (resolve_format first: fmt must be concrete).
-    dense_prefill: an int4 / int8 projection also keeps a bfloat16 copy for prefill rows."""
+    dense_prefill: an int4 / int8 projection also keeps a bfloat16 copy for prefill rows;
+    quant_kernel: int4 / int8 run on our kernel (quant_matmul.py) where it is built, else on torch's."""
     if fmt in ("int4", "int8"):
         if fmt == "int4" and (not isinstance(w, QuantizedTensor) or w.kind not in ("Q4_0", "Q4_1")):
             raise WeightFormatError(f"tensor {name} is {source_kind(w)}; int4 needs Q4_0 / Q4_1 blocks")
         prefill = Bf16Linear(dense(w), bias) if dense_prefill else None
-        return Int4Linear(w, bias, prefill) if fmt == "int4" else Int8Linear(dense(w), bias, prefill)
+        kernel = load_quant_matmul() if quant_kernel else None
+        return Int4Linear(w, bias, prefill, kernel) if fmt == "int4" else Int8Linear(w, bias, prefill, kernel)
     values = dense(w).to(device)                                                     # [out, in]
     if fmt == "bf16":
         return Bf16Linear(values, bias)
@@ -305,6 +328,7 @@ class WeightSource:
     device: torch.device = torch.device("cpu")
     dense_prefill: bool = True                    # int4 / int8 projections keep a bf16 copy for prefill rows
     fused_ops: bool = True                        # the model may use layer_ops.py's fused glue (CPU, bf16 inputs)
+    quant_kernel: bool = True                     # int4 / int8 on our kernel (quant_matmul.py) where it is built
 
     def source(self, name: str) -> torch.Tensor | QuantizedTensor:
         return self.quantized.get(name, self.dense[name])
@@ -322,7 +346,7 @@ class WeightSource:
         label = names[0] if len(names) == 1 else "+".join(names)
         fmt = resolve_format(self.weight_format, w, label, self.device)
         bias = torch.cat([self.tensor(n) for n in bias_names]) if bias_names else None  # [out]
-        return make_linear(w, bias, fmt, label, self.device, self.dense_prefill and not lm_head)
+        return make_linear(w, bias, fmt, label, self.device, self.dense_prefill and not lm_head, self.quant_kernel)
 
     def embedding(self, name: str) -> Embedding:
         return Embedding(self.source(name), self.device)

@@ -71,12 +71,12 @@ def test_the_quantized_path_agrees_with_fp32_over_the_same_weights(engine, quant
     bfloat16 activations and scales (2^-9 relative) move the log-probability of fp32's best token
     by 0.005 nats (median; 0.05 at p90, 0.1 at most over a 79-token prompt), so a greedy token can
     flip only where fp32's two best are within about twice that; after a flip the continuations
-    differ, as any two numerically different runs do. Measured on 2026-11-29 (CPU attention,
-    fused layer ops, bfloat16 KV cache): 2 of the 6 prompts identical over 64 tokens, the others
-    diverging at tokens 17, 16, 13 and 8 where fp32's top two differed by 0.068, 0.005, 0.139 and
-    0.018 nats (with a float32 KV cache: tokens 3, 16, 17, 53 at 0.044, 0.005, 0.068, 0.015).
-    Required: every divergence at such a near-tie (under 0.25 nats), and at least 2 prompts
-    identical."""
+    differ, as any two numerically different runs do. Measured on 2026-11-29 (our quantized
+    kernel over the file's exact values, CPU attention, fused layer ops, bfloat16 KV cache): 5 of
+    the 6 prompts identical over 64 tokens, the other diverging at token 8 where fp32's top two
+    differed by 0.018 nats (on torch's int4 / int8 kernels, whose scales are rounded to bfloat16:
+    2 of 6 identical, divergences at near-ties of 0.005-0.139 nats). Required: every divergence at
+    such a near-tie (under 0.25 nats), and at least 4 prompts identical."""
     identical, report = 0, []
     for prompt in GREEDY_PROMPTS:
         ids = _ids(engine, prompt)
@@ -91,7 +91,7 @@ def test_the_quantized_path_agrees_with_fp32_over_the_same_weights(engine, quant
         gap = abs(top[0][1] - top[1][1])
         report.append((first, round(gap, 4)))
         assert gap < 0.25, f"diverged at token {first} where fp32's top two differ by {gap:.3f} nats"
-    assert identical >= 2, f"{identical}/6 identical; divergences (token, fp32 top-2 gap): {report}"
+    assert identical >= 4, f"{identical}/6 identical; divergences (token, fp32 top-2 gap): {report}"
 
 
 def test_quantized_telemetry_tracks_fp32(engine, quantized):

@@ -55,12 +55,13 @@ def kernel_bound(x: torch.Tensor, w: torch.Tensor, fmt: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("fmt, kind", [("fp32", "Q4_1"), ("bf16", "Q4_1"), ("int8", "Q8_0"), ("int8", "Q4_1"),
                                        ("int4", "Q4_0"), ("int4", "Q4_1")])
-@pytest.mark.parametrize("out", [64, 40])  # 40: not a multiple of 16, the int4 packer's rows get padded
-def test_each_kernel_within_its_derived_bound_of_float64(fmt, kind, out):
+@pytest.mark.parametrize("out", [64, 40])  # 40: not a multiple of 16, the packers' rows get padded
+@pytest.mark.parametrize("quant_kernel", [True, False], ids=["ours", "torch"])
+def test_each_kernel_within_its_derived_bound_of_float64(fmt, kind, out, quant_kernel):
     qt, ref = blocks(kind, out, 96, seed=out)
     w = torch.from_numpy(ref)                                                 # [out, in]
     bias = torch.randn(out)                                                   # [out]
-    lin = make_linear(qt, bias, fmt, "w", CPU)
+    lin = make_linear(qt, bias, fmt, "w", CPU, quant_kernel=quant_kernel)
     x = torch.randn(7, 96)                                                    # [T, in]
     y = lin(x)                                                                # [T, out]
     assert y.dtype == torch.float32 and y.shape == (7, out)
@@ -72,12 +73,14 @@ def test_each_kernel_within_its_derived_bound_of_float64(fmt, kind, out):
     assert bound.median() < 0.25 * exact.abs().median()
 
 
-@pytest.mark.parametrize("fmt, kind", [("int8", "Q8_0"), ("int4", "Q4_1")])
-def test_a_quantized_row_does_not_depend_on_its_batch(fmt, kind):
-    """The int8 and int4 kernels compute each row alone (dense fp32 and bf16 GEMMs need not:
-    their blocking changes with the row count)."""
+@pytest.mark.parametrize("fmt, kind", [("int8", "Q8_0"), ("int4", "Q4_1"), ("int4", "Q4_0")])
+@pytest.mark.parametrize("quant_kernel", [True, False], ids=["ours", "torch"])
+def test_a_quantized_row_does_not_depend_on_its_batch(fmt, kind, quant_kernel):
+    """The int8 and int4 kernels give each row the same arithmetic whatever the batch (dense fp32
+    and bf16 GEMMs need not: their blocking changes with the row count). 33 rows: our kernel's
+    passes of 8 rows, a 1-row remainder, and rows seen at every position of a pass."""
     qt, _ = blocks(kind, 96, 192)
-    lin = make_linear(qt, None, fmt, "w", CPU)
+    lin = make_linear(qt, None, fmt, "w", CPU, quant_kernel=quant_kernel)
     x = torch.randn(33, 192)                                                  # [T, in]
     full = lin(x)                                                             # [T, out]
     for i in (0, 1, 16, 32):

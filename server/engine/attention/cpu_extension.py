@@ -40,18 +40,34 @@ class Extension:
     reason: str | None    # set when op is None
 
 
-def _library_name() -> str:
-    """headwise_paged_decode_<cpu>_<source>: 8 hex digits of the CPU's model and flags (a cache
-    shared across machines never runs code built for another CPU) and 8 of the source and flags
-    (two checkouts with different sources each keep their own build instead of rebuilding in turn)."""
+def library_name(prefix: str, source: Path, flags: list[str]) -> str:
+    """<prefix>_<cpu>_<source>: 8 hex digits of the CPU's model and flags (a cache shared across
+    machines never runs code built for another CPU) and 8 of the source and flags (two checkouts
+    with different sources each keep their own build instead of rebuilding in turn)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         lines = []
     cpu = "\n".join(sorted({ln for ln in lines if ln.startswith(("flags", "model name", "vendor_id"))}))
-    src = SOURCE.read_bytes() + " ".join(CFLAGS).encode()
-    return (f"headwise_paged_decode_{hashlib.sha256(cpu.encode()).hexdigest()[:8]}"
-            f"_{hashlib.sha256(src).hexdigest()[:8]}")
+    src = source.read_bytes() + " ".join(flags).encode()
+    return f"{prefix}_{hashlib.sha256(cpu.encode()).hexdigest()[:8]}_{hashlib.sha256(src).hexdigest()[:8]}"
+
+
+def build_library(prefix: str, source: Path, cflags: list[str], ldflags: list[str] | None = None) -> str | None:
+    """Build (first time) and load a C++ source that registers torch ops; never raises.
+    None when its ops are registered, else why not (no compiler or ninja, a compile error)."""
+    reason = _missing_tool()
+    if reason is not None:
+        return reason
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(name=library_name(prefix, source, cflags), sources=[str(source)], extra_cflags=cflags,
+             extra_ldflags=ldflags or [], is_python_module=False)
+        return None
+    except Exception as exc:  # no source, a compiler or linker error, an unwritable cache dir
+        lines = str(exc).strip().splitlines()
+        return f"building {source.name} failed: {type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 def _missing_tool() -> str | None:
@@ -72,18 +88,11 @@ def _missing_tool() -> str | None:
 @functools.cache
 def load_paged_decode() -> Extension:
     """Build (first time) and load the op; never raises. Logs one warning when unavailable."""
-    reason = _missing_tool()
+    reason = build_library("headwise_paged_decode", SOURCE, CFLAGS, ["-fopenmp"])
     if reason is None:
-        try:
-            import torch
-            from torch.utils.cpp_extension import load
+        import torch
 
-            load(name=_library_name(), sources=[str(SOURCE)],
-                 extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
-            return Extension(torch.ops.headwise.paged_decode, None)
-        except Exception as exc:  # no source, a compiler or linker error, an unwritable cache dir
-            text = str(exc).strip().splitlines()
-            reason = f"building {SOURCE.name} failed: {type(exc).__name__}: {text[0] if text else ''}"
+        return Extension(torch.ops.headwise.paged_decode, None)
     logger.warning("headwise: the CPU paged-decode attention extension is unavailable (%s); "
                    "--attention-backend auto uses the torch reference, --attention-backend cpu cannot run",
                    reason)
