@@ -71,7 +71,7 @@ def float64_acc(q: torch.Tensor, k: torch.Tensor, sink: int = 4) -> torch.Tensor
 
 
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 33, 300, 511, 512, 513, 1024, 1100])  # > 512: split rows
-@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (9, 3)])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (9, 3), (9, 1), (14, 2)])  # G = H / KVH: 1, 4, 3, 9 (past the specialised 1 .. 8: the generic loops), 7
 def test_op_matches_float64_and_the_reference(op, n, heads, kv_heads):
     d = 64
     q, kc, vc, table, lens, keys, values = paged([n], heads, kv_heads, d, seed=n * 7 + heads)

@@ -242,6 +242,108 @@ void weighted_values(const float* e, const T* vc, const int32_t* table, int64_t 
   }
 }
 
+// The same two loops with the G query heads of a KV head in registers together (G a template
+// argument, 1 .. 8): each key and value vector is loaded and widened once for all G heads instead
+// of once per head. Every (head, key) dot product and (head, d) value sum runs in the same order
+// as in scores / weighted_values above, so results are bit-identical to them.
+template <int64_t G, typename T>
+void scores_gqa(const float* q_row, const T* kc, const int32_t* table, int64_t n, int64_t g0, int64_t g1,
+                const Shapes& sh, float scale, float* s) {
+  const int64_t D = sh.D;
+  const T* rows[CHUNK];
+  __m512 part[G][CHUNK];
+  for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
+    const int64_t c = std::min(CHUNK, n - j0);
+    tile_rows(kc, table, j0, c, 0, sh, rows);
+    for (int64_t g = g0; g < g1; ++g) {
+      const float* qg = q_row + g * G * D;
+      for (int64_t u = 0; u < CHUNK; ++u)
+        for (int64_t i = 0; i < G; ++i) part[i][u] = _mm512_setzero_ps();
+      for (int64_t u = 0; u < c; ++u) {
+        const T* kj = rows[u] + g * D;
+        __m512 acc[G];
+        const __m512 k0v = load16(kj);
+        for (int64_t i = 0; i < G; ++i) acc[i] = _mm512_mul_ps(_mm512_loadu_ps(qg + i * D), k0v);
+        for (int64_t d = 16; d < D; d += 16) {
+          const __m512 kv = load16(kj + d);
+          for (int64_t i = 0; i < G; ++i) acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(qg + i * D + d), kv, acc[i]);
+        }
+        for (int64_t i = 0; i < G; ++i) part[i][u] = acc[i];
+      }
+      for (int64_t i = 0; i < G; ++i) {
+        const __m512 sums = _mm512_mul_ps(hsum16(part[i]), _mm512_set1_ps(scale));
+        _mm512_mask_storeu_ps(s + ((g - g0) * G + i) * n + j0, static_cast<__mmask16>((1u << c) - 1u), sums);
+      }
+    }
+  }
+}
+
+template <int64_t G, typename T>
+void weighted_values_gqa(const float* e, const T* vc, const int32_t* table, int64_t n, int64_t g0, int64_t g1,
+                         const Shapes& sh, float* o) {
+  const int64_t D = sh.D;
+  constexpr int64_t W = G <= 4 ? 4 : 2;  // value vectors per pass: G x W accumulators stay in registers
+  const T* rows[CHUNK];
+  std::fill(o, o + (g1 - g0) * G * D, 0.0f);
+  for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
+    const int64_t c = std::min(CHUNK, n - j0);
+    tile_rows(vc, table, j0, c, 0, sh, rows);
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t lh0 = (g - g0) * G;
+      for (int64_t d = 0; d < D; d += 16 * W) {
+        const int64_t w = std::min<int64_t>(W, (D - d) / 16);
+        __m512 acc[G][W];
+        for (int64_t i = 0; i < G; ++i)
+          for (int64_t x = 0; x < w; ++x) acc[i][x] = _mm512_loadu_ps(o + (lh0 + i) * D + d + 16 * x);
+        for (int64_t u = 0; u < c; ++u) {
+          const T* vj = rows[u] + g * D + d;
+          __m512 vv[W];
+          for (int64_t x = 0; x < w; ++x) vv[x] = load16(vj + 16 * x);
+          for (int64_t i = 0; i < G; ++i) {
+            const __m512 wu = _mm512_set1_ps(e[(lh0 + i) * n + j0 + u]);
+            for (int64_t x = 0; x < w; ++x) acc[i][x] = _mm512_fmadd_ps(wu, vv[x], acc[i][x]);
+          }
+        }
+        for (int64_t i = 0; i < G; ++i)
+          for (int64_t x = 0; x < w; ++x) _mm512_storeu_ps(o + (lh0 + i) * D + d + 16 * x, acc[i][x]);
+      }
+    }
+  }
+}
+
+// scores + weighted_values through the G-specialised loops when G is 1 .. 8; false otherwise.
+template <typename T>
+bool gqa_scores(int64_t G, const float* q_row, const T* kc, const int32_t* table, int64_t n, int64_t g0,
+                int64_t g1, const Shapes& sh, float scale, float* s) {
+  switch (G) {
+    case 1: scores_gqa<1>(q_row, kc, table, n, g0, g1, sh, scale, s); return true;
+    case 2: scores_gqa<2>(q_row, kc, table, n, g0, g1, sh, scale, s); return true;
+    case 3: scores_gqa<3>(q_row, kc, table, n, g0, g1, sh, scale, s); return true;
+    case 4: scores_gqa<4>(q_row, kc, table, n, g0, g1, sh, scale, s); return true;
+    case 5: scores_gqa<5>(q_row, kc, table, n, g0, g1, sh, scale, s); return true;
+    case 6: scores_gqa<6>(q_row, kc, table, n, g0, g1, sh, scale, s); return true;
+    case 7: scores_gqa<7>(q_row, kc, table, n, g0, g1, sh, scale, s); return true;
+    case 8: scores_gqa<8>(q_row, kc, table, n, g0, g1, sh, scale, s); return true;
+    default: return false;
+  }
+}
+
+template <typename T>
+bool gqa_values(int64_t G, const float* e, const T* vc, const int32_t* table, int64_t n, int64_t g0, int64_t g1,
+                const Shapes& sh, float* o) {
+  switch (G) {
+    case 1: weighted_values_gqa<1>(e, vc, table, n, g0, g1, sh, o); return true;
+    case 2: weighted_values_gqa<2>(e, vc, table, n, g0, g1, sh, o); return true;
+    case 3: weighted_values_gqa<3>(e, vc, table, n, g0, g1, sh, o); return true;
+    case 4: weighted_values_gqa<4>(e, vc, table, n, g0, g1, sh, o); return true;
+    case 5: weighted_values_gqa<5>(e, vc, table, n, g0, g1, sh, o); return true;
+    case 6: weighted_values_gqa<6>(e, vc, table, n, g0, g1, sh, o); return true;
+    case 7: weighted_values_gqa<7>(e, vc, table, n, g0, g1, sh, o); return true;
+    case 8: weighted_values_gqa<8>(e, vc, table, n, g0, g1, sh, o); return true;
+    default: return false;
+  }
+}
+
 inline __m512 exp_nonpositive16(__m512 x) {
   const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
@@ -334,12 +436,12 @@ void attend_heads(const float* q_row, const T* kc, const T* vc, const int32_t* t
   float* l = m + nh;          // [nh] sum e
 #if defined(__AVX512F__)
   if (D % 16 == 0) {
-    scores(q_row, kc, table, n, g0, g1, sh, scale, s);
+    if (!gqa_scores(sh.G, q_row, kc, table, n, g0, g1, sh, scale, s)) scores(q_row, kc, table, n, g0, g1, sh, scale, s);
     for (int64_t lh = 0; lh < nh; ++lh) {
       m[lh] = max_of(s + lh * n, n);
       l[lh] = exp_and_sum16(s + lh * n, m[lh], e + lh * n, n);
     }
-    weighted_values(e, vc, table, n, g0, g1, sh, o);
+    if (!gqa_values(sh.G, e, vc, table, n, g0, g1, sh, o)) weighted_values(e, vc, table, n, g0, g1, sh, o);
   } else
 #endif
   {
