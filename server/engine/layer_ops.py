@@ -28,7 +28,6 @@ from server.engine.attention.cpu_extension import CFLAGS, build_library
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "layer_ops.cpp"
-FLAGS = [f for f in CFLAGS if f != "-fopenmp"]  # single-threaded: see the source's header
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ class LayerOps:
 @functools.cache
 def load_layer_ops() -> LayerOps | None:
     """Build (first time) and load the ops; never raises. None, with one warning, when unavailable."""
-    reason = build_library("headwise_layer_ops", SOURCE, FLAGS)
+    reason = build_library("headwise_layer_ops", SOURCE, CFLAGS, ["-fopenmp"])
     if reason is None:
         import torch
 

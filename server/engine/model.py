@@ -88,12 +88,6 @@ class ForwardOutput:
     attention_times: tuple[float, ...] | None = None  # seconds per layer, when a timer was given
 
 
-# the fused silu*mul is a scalar loop (one expf per element): it wins at decode, where torch's
-# vectorized ops cost their dispatch, and loses on prefill chunks (147 ms against ~30 ms over a
-# 1,000-token prompt); both round to the same bfloat16 values in the tests
-FUSED_SILU_MAX_ROWS = 64
-
-
 class LlamaModel:
     """Weights plus the forward pass. Build with from_weights(cfg, WeightSource(...))."""
 
@@ -194,7 +188,7 @@ class LlamaModel:
     def _mlp(self, layer: DecoderLayer, x: torch.Tensor, bd: int | None) -> torch.Tensor:
         """Norm and SwiGLU of the residual x [T, C] -> [T, C]."""
         gate_up = layer.gate_up(self._norm(x, layer.post_attention_norm), bd)  # [T, 2 I]
-        if self.layer_ops is not None and x.shape[0] <= FUSED_SILU_MAX_ROWS:
+        if self.layer_ops is not None:
             return layer.down(self.layer_ops.silu_mul_bf16(gate_up), bd)      # [T, C]
         gate, up = gate_up.chunk(2, dim=-1)                          # [T, I] x2
         return layer.down(F.silu(gate) * up, bd)                     # [T, C]

@@ -18,7 +18,7 @@ ops = load_layer_ops()
 pytestmark = pytest.mark.skipif(ops is None, reason="the C++ layer ops could not be built here (see the log)")
 
 
-@pytest.mark.parametrize("rows", [1, 3, 64])
+@pytest.mark.parametrize("rows", [1, 3, 64, 300])  # 300: split over the threads
 def test_rms_norm_bf16_equals_torch_then_cast(rows):
     x = torch.randn(rows, 576) * 3                                         # [T, C]
     w = torch.randn(576)                                                   # [C]
@@ -31,13 +31,29 @@ def test_rms_norm_bf16_equals_torch_then_cast(rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_silu_mul_bf16_equals_torch(dtype):
-    gate_up = (torch.randn(5, 2 * 1536) * 4).to(dtype)                    # [T, 2 I]
+@pytest.mark.parametrize("rows", [5, 300])  # 300: split over the threads
+def test_silu_mul_bf16_equals_torch(dtype, rows):
+    gate_up = (torch.randn(rows, 2 * 1536) * 4).to(dtype)                 # [T, 2 I]
+    gate_up[0, :4] = torch.tensor([-200.0, 200.0, 0.0, -90.0])             # exp's range ends, exactly 0
     gate, up = gate_up.float().chunk(2, dim=-1)                            # [T, I] x2
     want = (F.silu(gate) * up).to(torch.bfloat16)                          # [T, I]
     got = ops.silu_mul_bf16(gate_up)                                       # [T, I]
     assert got.shape == want.shape
     assert ((got.float() - want.float()).abs() <= want.float().abs() * 2 ** -7 + 1e-30).all()
+
+
+def test_a_row_gets_the_same_bits_alone_and_in_a_threaded_call():
+    """Rows of a big call (a prefill chunk) are split over the threads; a decode row's result
+    must not depend on that."""
+    x, w = torch.randn(300, 576), torch.randn(576)                         # [T, C], [C]
+    gate_up = torch.randn(300, 2 * 1536)                                   # [T, 2 I]
+    qkv, cos, sin = torch.randn(300, 15 * 64), torch.randn(300, 64), torch.randn(300, 64)
+    norm, act, rope = ops.rms_norm_bf16(x, w, 1e-5), ops.silu_mul_bf16(gate_up), ops.qkv_rope(qkv, cos, sin, 9, 3)
+    for i in (0, 150, 299):
+        assert torch.equal(ops.rms_norm_bf16(x[i:i + 1], w, 1e-5), norm[i:i + 1])
+        assert torch.equal(ops.silu_mul_bf16(gate_up[i:i + 1]), act[i:i + 1])
+        alone = ops.qkv_rope(qkv[i:i + 1], cos[i:i + 1], sin[i:i + 1], 9, 3)
+        assert all(torch.equal(a, b[i:i + 1]) for a, b in zip(alone, rope))
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4), (8, 2)])

@@ -5,19 +5,65 @@
 //   silu_mul_bf16(gate_up)          (F.silu(g) * u).to(bfloat16), g, u = halves   [T, 2I] bf16/f32
 //   qkv_rope(qkv, cos, sin, H, KVH) float32 q, k rotated (rotate-half RoPE) and v from qkv [T, (H + 2KVH) D]
 // All math in float32; bfloat16 outputs are rounded to nearest even (c10::BFloat16).
-// Single-threaded on purpose: at decode a call takes a few microseconds, less than waking a
-// thread pool, and it keeps a second OpenMP runtime (the system's libgomp beside torch's bundled
-// one) out of the process. Rows are computed one by one, so a row never depends on its batch.
+// Rows are computed one by one with the same arithmetic whatever the batch, so a row never
+// depends on its batch: a decode row is normalized and activated the same in a decode-only step
+// and beside a 256-row prefill chunk. Rows are spread over the threads (at::parallel_for) only
+// when a call has at least ROW_WORK elements: at decode a call takes a few microseconds, less
+// than waking the thread pool; a prefill chunk's 256 rows split over both cores. With AVX-512 the
+// sum of squares and SiLU run 16 lanes wide (fixed-order partial sums, no -ffast-math); SiLU's
+// exp is the Cephes-style polynomial of attention/csrc/paged_decode.cpp, of a non-positive
+// argument only (sigmoid(g) from e = exp(-|g|)).
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
 
 namespace {
+
+constexpr int64_t ROW_WORK = 32768;  // elements per call below which it stays on the calling thread
+
+// f(begin, end) over rows 0 .. T-1 of `width` elements each: on this thread for small calls,
+// else split over the pool. Either way every row gets the same arithmetic.
+template <typename F>
+void over_rows(int64_t T, int64_t width, const F& f) {
+  if (T * width < ROW_WORK) {
+    f(0, T);
+    return;
+  }
+  at::parallel_for(0, T, std::max<int64_t>(1, ROW_WORK / std::max<int64_t>(width, 1) / 4), f);
+}
+
+// sum of x[c]^2 over 16 lanes of partial sums in a fixed order.
+inline float sum_squares(const float* x, int64_t C) {
+  float lanes[16] = {0.f};
+  int64_t c = 0;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; c + 16 <= C; c += 16) {
+    const __m512 v = _mm512_loadu_ps(x + c);
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  _mm512_storeu_ps(lanes, acc);
+#else
+  for (; c + 16 <= C; c += 16)
+    for (int u = 0; u < 16; ++u) lanes[u] = std::fma(x[c + u], x[c + u], lanes[u]);
+#endif
+  for (int u = 0; c < C; ++c, ++u) lanes[u] = std::fma(x[c], x[c], lanes[u]);
+  float ss = 0.f;
+  for (int u = 0; u < 16; ++u) ss += lanes[u];
+  return ss;
+}
 
 at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& w, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: float32 [T, C] contiguous");
@@ -29,28 +75,58 @@ at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& w, double eps) {
   const float* wp = w.data_ptr<float>();
   c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
   const float e = static_cast<float>(eps);
-  for (int64_t t = 0; t < T; ++t) {
-    const float* row = xp + t * C;
-    float ss = 0.f;
-    for (int64_t c = 0; c < C; ++c) ss += row[c] * row[c];
-    const float r = 1.f / std::sqrt(ss / static_cast<float>(C) + e);
-    c10::BFloat16* o = op + t * C;
-    for (int64_t c = 0; c < C; ++c) o[c] = c10::BFloat16(row[c] * r * wp[c]);
-  }
+  over_rows(T, C, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* row = xp + t * C;
+      const float r = 1.f / std::sqrt(sum_squares(row, C) / static_cast<float>(C) + e);
+      c10::BFloat16* o = op + t * C;
+      for (int64_t c = 0; c < C; ++c) o[c] = c10::BFloat16(row[c] * r * wp[c]);
+    }
+  });
   return out;
 }
 
+// exp(x) for x <= 0, 0 below float's normal range (paged_decode.cpp's polynomial, scalar).
+inline float exp_nonpositive(float x) {
+  const bool under = x < -87.0f;
+  x = under ? -87.0f : x;
+  const float magic = 12582912.0f;
+  const float n = (x * 1.44269504088896341f + magic) - magic;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return under ? 0.0f : p * two_n;
+}
+
+// silu(g) * u = g * sigmoid(g) * u, sigmoid from e = exp(-|g|) <= 1 (never overflows).
+inline float silu_mul(float g, float u) {
+  const float e = exp_nonpositive(-std::fabs(g));
+  const float sig = g >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+  return g * sig * u;
+}
+
+inline float as_float(float x) { return x; }
+inline float as_float(c10::BFloat16 x) { return static_cast<float>(x); }
+
 template <typename T>
 void silu_mul_rows(const T* in, c10::BFloat16* out, int64_t rows, int64_t inter) {
-  for (int64_t t = 0; t < rows; ++t) {
-    const T* g = in + t * 2 * inter;
-    const T* u = g + inter;
-    c10::BFloat16* o = out + t * inter;
-    for (int64_t i = 0; i < inter; ++i) {
-      const float gv = static_cast<float>(g[i]);
-      o[i] = c10::BFloat16(gv / (1.f + std::exp(-gv)) * static_cast<float>(u[i]));
+  over_rows(rows, inter, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const T* g = in + t * 2 * inter;
+      const T* u = g + inter;
+      c10::BFloat16* o = out + t * inter;
+      for (int64_t i = 0; i < inter; ++i) o[i] = c10::BFloat16(silu_mul(as_float(g[i]), as_float(u[i])));
     }
-  }
+  });
 }
 
 at::Tensor silu_mul_bf16(const at::Tensor& gate_up) {
@@ -70,7 +146,8 @@ template <typename T>
 void qkv_rope_rows(const T* in, const float* cos, const float* sin, float* q, float* k, float* v, int64_t rows,
                    int64_t H, int64_t KVH, int64_t D) {
   const int64_t width = (H + 2 * KVH) * D, half = D / 2;
-  for (int64_t t = 0; t < rows; ++t) {
+  over_rows(rows, width, [&](int64_t begin, int64_t end) {
+  for (int64_t t = begin; t < end; ++t) {
     const T* row = in + t * width;
     const float* c = cos + t * D;
     const float* s = sin + t * D;
@@ -87,6 +164,7 @@ void qkv_rope_rows(const T* in, const float* cos, const float* sin, float* q, fl
     float* vo = v + t * KVH * D;
     for (int64_t i = 0; i < KVH * D; ++i) vo[i] = static_cast<float>(vx[i]);
   }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(const at::Tensor& qkv, const at::Tensor& cos,
