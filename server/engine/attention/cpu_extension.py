@@ -36,8 +36,9 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
 class Extension:
     """The loaded op, or why there is none."""
 
-    op: Callable | None   # torch.ops.headwise.paged_decode
-    reason: str | None    # set when op is None
+    op: Callable | None     # torch.ops.headwise.paged_decode
+    reason: str | None      # set when op is None
+    write: Callable | None = None  # torch.ops.headwise.write_kv: a step's new K/V into the cache
 
 
 def library_name(prefix: str, source: Path, flags: list[str]) -> str:
@@ -92,7 +93,7 @@ def load_paged_decode() -> Extension:
     if reason is None:
         import torch
 
-        return Extension(torch.ops.headwise.paged_decode, None)
+        return Extension(torch.ops.headwise.paged_decode, None, torch.ops.headwise.write_kv)
     logger.warning("headwise: the CPU paged-decode attention extension is unavailable (%s); "
                    "--attention-backend auto uses the torch reference, --attention-backend cpu cannot run",
                    reason)

@@ -1,6 +1,8 @@
 """The CPU fast path: decode rows through a C++ paged-decode op, prefill chunks as the reference.
 
-Decode rows (one query token per sequence) go to torch.ops.headwise.paged_decode
+The step's new keys and values go into the cache through torch.ops.headwise.write_kv (one call
+instead of two casts and two index_copy_, with the same rounding). Decode rows (one query token
+per sequence) go to torch.ops.headwise.paged_decode
 (csrc/paged_decode.cpp, built by cpu_extension.py): it reads each sequence's keys and values
 straight from the layer's paged cache through its block table, with no gathered padded copy, and
 computes the output and, when asked, the telemetry accumulators (l, t, sink sum, position sum of
@@ -51,6 +53,7 @@ class CpuPagedBackend:
         if ext.op is None:
             raise RuntimeError(f"the cpu attention backend is unavailable: {ext.reason}")
         self.op = ext.op
+        self.write = ext.write
         self.cache = cache
         self.sink_tokens = sink_tokens
         k0 = cache.k[0]                                                    # [num_blocks + 1, bs, KVH, D]
@@ -91,7 +94,7 @@ class CpuPagedBackend:
         step, accumulators [R, H, NUM_ACCUMULATORS] in AttentionMetadata.stats_seqs_cpu order.
         """
         cache = self.cache
-        cache.write(layer, plan.slot_mapping, k, v)
+        self.write(cache.k[layer], cache.v[layer], plan.slot_mapping, k.contiguous(), v.contiguous())
         bd = plan.num_decodes
         parts: list[torch.Tensor] = []
         acc = None

@@ -232,3 +232,23 @@ def test_engine_generates_the_same_tokens_and_telemetry_as_torch(op, tiny_llama_
     # their kernels (~1e-7) now and then push a new key across a bfloat16 rounding boundary (a
     # 2^-9 relative step) when it is written; measured 2.2e-5 at most on entropy over 40 tokens
     assert_engine_matches_torch(tiny_llama_dir, "cpu", prompts, max_tokens=40, kv_cache_dtype="bfloat16", tol=1e-4)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_equals_the_caches_own_write(cache_dtype, src_dtype):
+    """The backend's one-call write stores exactly what KVCache.write (cast, index_copy_) does,
+    and refuses a slot outside the cache before writing anything."""
+    write = cpu_extension.load_paged_decode().write
+    shape = (5, 4, 3, 16)                                                  # [NB, bs, KVH, D]
+    ours = KVCache(k=[torch.zeros(shape, dtype=cache_dtype)], v=[torch.zeros(shape, dtype=cache_dtype)])
+    ref = KVCache(k=[torch.zeros(shape, dtype=cache_dtype)], v=[torch.zeros(shape, dtype=cache_dtype)])
+    slots = torch.tensor([7, 0, 19, 12])                                   # [T]
+    k, v = (torch.randn(4, 3, 16) * 100).to(src_dtype), torch.randn(4, 3, 16).to(src_dtype)  # [T, KVH, D]
+    write(ours.k[0], ours.v[0], slots, k, v)
+    ref.write(0, slots, k, v)
+    assert torch.equal(ours.k[0], ref.k[0]) and torch.equal(ours.v[0], ref.v[0])
+    before = ours.k[0].clone()
+    with pytest.raises(RuntimeError, match="slot 20 out of range"):
+        write(ours.k[0], ours.v[0], torch.tensor([3, 20]), k[:2], v[:2])
+    assert torch.equal(ours.k[0], before)

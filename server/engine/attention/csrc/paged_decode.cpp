@@ -598,11 +598,51 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(const at::Tensor& q, const at::T
   return {out, acc};
 }
 
+// k_cache, v_cache [NB, bs, KVH, D] (float32 or bfloat16) at slots [T] <- k, v [T, KVH, D] (float32
+// or bfloat16), rounded to the cache's dtype to nearest even, as Tensor.to does: the decode
+// step's four torch ops (two casts, two index_copy_) in one call. Every slot is checked first.
+template <typename C, typename S>
+void write_rows(C* kc, C* vc, const int64_t* slots, const S* k, const S* v, int64_t T, int64_t row) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < row; ++i) {
+      kc[slots[t] * row + i] = static_cast<C>(static_cast<float>(k[t * row + i]));
+      vc[slots[t] * row + i] = static_cast<C>(static_cast<float>(v[t * row + i]));
+    }
+}
+
+void write_kv(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots, const at::Tensor& k,
+              const at::Tensor& v) {
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && v_cache.scalar_type() == k_cache.scalar_type() &&
+                  (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16),
+              "write_kv: k_cache and v_cache must be contiguous [NB, block_size, KVH, D], both float32 or bfloat16");
+  const int64_t row = k_cache.size(2) * k_cache.size(3), capacity = k_cache.size(0) * k_cache.size(1);
+  TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_contiguous(),
+              "write_kv: slots must be a contiguous int64 [T]");
+  const int64_t T = slots.size(0);
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.sizes() == v.sizes() && k.numel() == T * row &&
+                  k.scalar_type() == v.scalar_type() && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
+              "write_kv: k and v must be contiguous float32 or bfloat16 [T, KVH, D] matching the cache");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < capacity, "write_kv: slot ", sp[t], " out of range");
+  auto run = [&](auto* kc, auto* vc) {
+    if (k.scalar_type() == at::kFloat) write_rows(kc, vc, sp, k.data_ptr<float>(), v.data_ptr<float>(), T, row);
+    else write_rows(kc, vc, sp, k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(), T, row);
+  };
+  if (k_cache.scalar_type() == at::kFloat) run(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
+  else run(k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(headwise, m) {
   m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
         "float scale, bool compute_stats, int sink_tokens) -> (Tensor, Tensor)");
+  m.def("write_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor k, Tensor v) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(headwise, CPU, m) { m.impl("paged_decode", &paged_decode); }
+TORCH_LIBRARY_IMPL(headwise, CPU, m) {
+  m.impl("paged_decode", &paged_decode);
+  m.impl("write_kv", &write_kv);
+}
