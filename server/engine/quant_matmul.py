@@ -39,7 +39,7 @@ class PackedBlocks:
 
     kind: str                       # "Q4_0" | "Q4_1" | "Q8_0"
     out_features: int               # N (the packed tensors are padded to a multiple of 16)
-    qw: torch.Tensor                # Q4: uint8 [N/16, in/2, 16]; Q8_0: int8 [N/16, in/2, 32]
+    qw: torch.Tensor                # Q4: uint8 [N/16, in/4, 32]; Q8_0: int8 [N/16, in/2, 32]
     scales: torch.Tensor            # float16 [N/16, in/32, 16]: d
     mins: torch.Tensor | None       # float16 [N/16, in/32, 16]: m (Q4_1), else None
 
@@ -54,11 +54,12 @@ def pack_blocks(kind: str, q: torch.Tensor, scales: torch.Tensor, mins: torch.Te
         q = torch.cat([q, q.new_zeros(pad, k)])                                         # [N', in]
         scales = torch.cat([scales, scales.new_zeros(pad, scales.shape[1])])            # [N', G]
         mins = None if mins is None else torch.cat([mins, mins.new_zeros(pad, mins.shape[1])])  # [N', G]
-    pairs = q.view(tiles, TILE, k // 2, 2).permute(0, 2, 1, 3)                          # [N'/16, in/2, 16, 2]
+    pairs = q.view(tiles, TILE, k // 2, 2).permute(0, 2, 1, 3).reshape(tiles, k // 2, 2 * TILE)  # [N'/16, in/2, 32]
     if kind == "Q8_0":
-        qw = pairs.contiguous().view(tiles, k // 2, 2 * TILE)                           # [N'/16, in/2, 32] int8
+        qw = pairs.contiguous()                                                         # [N'/16, in/2, 32] int8
     else:
-        qw = (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()                        # [N'/16, in/2, 16] uint8
+        two = pairs.reshape(tiles, k // 4, 2, 2 * TILE)                                 # [N'/16, in/4, 2, 32]
+        qw = (two[:, :, 0] | (two[:, :, 1] << 4)).contiguous()                          # [N'/16, in/4, 32] uint8
 
     def tiled(t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.float16).view(tiles, TILE, -1).transpose(1, 2).contiguous()  # [N'/16, G, 16]

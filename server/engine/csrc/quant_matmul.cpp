@@ -7,7 +7,8 @@
 //   kind 1  Q4_1  w = q d + m          q in 0..15
 //   kind 2  Q8_0  w = q d              q in -128..127
 // repacked by quant_matmul.py into tiles of 16 output rows (N padded to a multiple of 16):
-//   Q4_*  qw uint8 [N/16, K/2, 16]: byte (p, i) = q[n_i, 2p] | q[n_i, 2p + 1] << 4
+//   Q4_*  qw uint8 [N/16, K/4, 32]: two k-pairs (2p, 2p + 1) per 32 bytes, byte j = a_j | b_j << 4
+//         where a_j, b_j are word j of the k-pairs in lane order (j = 2i + t: q[n_i, 2p' + t])
 //   Q8_0  qw int8  [N/16, K/2, 32]: bytes (p, 2i), (p, 2i + 1) = q[n_i, 2p], q[n_i, 2p + 1]
 //   scales, mins float16 [N/16, K/32, 16] (the file's own d and m)
 // x [M, K] float32 or bfloat16; its values are rounded to bfloat16 (as every quantized kernel here
@@ -47,11 +48,12 @@ constexpr int64_t ROWS = 8;    // activation rows per pass over a tile
 
 enum Kind : int64_t { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
 
-// 32 bfloat16 words: entry i is bf16(i) (Q4_1) or bf16(i - 8) (Q4_0); vpermw looks q up in it.
+// 32 bfloat16 words: entry e is bf16(e mod 16) (Q4_1) or bf16(e mod 16 - 8) (Q4_0); vpermw looks
+// q up in it by the low 5 bits of an index word, so bit 4 (the other nibble's lowest) is ignored.
 __m512i nibble_table(bool centred) {
   alignas(64) uint16_t t[32];
   for (int i = 0; i < 32; ++i) {
-    const float v = static_cast<float>(i < 16 ? i : 0) - (centred && i < 16 ? 8.f : 0.f);
+    const float v = static_cast<float>(i % 16) - (centred ? 8.f : 0.f);
     uint32_t bits;
     std::memcpy(&bits, &v, 4);
     t[i] = static_cast<uint16_t>(bits >> 16);  // exact: small integers have few significant bits
@@ -59,12 +61,12 @@ __m512i nibble_table(bool centred) {
   return _mm512_load_si512(t);
 }
 
-// One k-pair of a Q4 tile (16 bytes) -> 32 bf16 words, lane i holding (q[n_i, 2p], q[n_i, 2p + 1]).
-inline __m512i decode_q4(const uint8_t* p, __m512i table) {
-  const __m512i t = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));  // byte per lane
-  const __m512i u = _mm512_slli_epi32(t, 12);                                                   // high nibble -> bits 16..19
-  const __m512i idx = _mm512_ternarylogic_epi32(t, u, _mm512_set1_epi32(0x000F000F), 0xA8);    // (t | u) & mask
-  return _mm512_permutexvar_epi16(idx, table);
+// Two k-pairs of a Q4 tile (32 bytes) -> 2 x 32 bf16 words, lane i holding (q[n_i, k], q[n_i, k + 1])
+// of the first pair in a and of the second in b.
+inline void decode_q4(const uint8_t* p, __m512i table, __m512i& a, __m512i& b) {
+  const __m512i t = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));  // a | b << 4
+  a = _mm512_permutexvar_epi16(t, table);
+  b = _mm512_permutexvar_epi16(_mm512_srli_epi16(t, 4), table);
 }
 
 // One k-pair of a Q8_0 tile (32 bytes) -> 32 bf16 words in the same lane order.
@@ -72,6 +74,16 @@ inline __m512i decode_q8(const int8_t* p) {
   const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
   return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));  // words 0..15 from lo, 16..31 from hi: exact
+}
+
+// accg[r] += w . (x[r0 + r, k], x[r0 + r, k + 1]) for the NR rows: one bf16 pair product per lane.
+template <int64_t NR>
+inline void dot_pair(__m512* accg, __m512i w, const uint16_t* xb, int64_t r0, int64_t K, int64_t k) {
+  for (int64_t r = 0; r < NR; ++r) {
+    int32_t pair;
+    std::memcpy(&pair, xb + (r0 + r) * K + k, 4);
+    accg[r] = _mm512_dpbf16_ps(accg[r], reinterpret_cast<__m512bh>(w), reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair)));
+  }
 }
 
 // y[r, tile outputs] for rows r0 .. r0 + NR of one tile. xb: bf16 activations [M, K] as uint16;
@@ -88,15 +100,17 @@ void tile_rows(const uint8_t* tw, const c10::Half* ts, const c10::Half* tm, cons
   for (int64_t g = 0; g < G; ++g) {
     for (int64_t r = 0; r < nr; ++r) accg[r] = _mm512_setzero_ps();
     const uint8_t* wp = tw + g * pairs_per_group * pair_bytes;
-    for (int64_t p = 0; p < pairs_per_group; ++p) {
-      const __m512i w = KIND == Q8_0 ? decode_q8(reinterpret_cast<const int8_t*>(wp + p * pair_bytes))
-                                     : decode_q4(wp + p * pair_bytes, table);
-      const int64_t k = g * GROUP + 2 * p;
-      for (int64_t r = 0; r < nr; ++r) {
-        int32_t pair;
-        std::memcpy(&pair, xb + (r0 + r) * K + k, 4);
-        accg[r] = _mm512_dpbf16_ps(accg[r], reinterpret_cast<__m512bh>(w),
-                                   reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair)));
+    if (KIND == Q8_0) {
+      for (int64_t p = 0; p < pairs_per_group; ++p) {
+        const __m512i w = decode_q8(reinterpret_cast<const int8_t*>(wp + p * pair_bytes));
+        dot_pair<NR>(accg, w, xb, r0, K, g * GROUP + 2 * p);
+      }
+    } else {
+      for (int64_t p = 0; p < pairs_per_group; p += 2) {
+        __m512i a, b;
+        decode_q4(wp + p * pair_bytes, table, a, b);
+        dot_pair<NR>(accg, a, xb, r0, K, g * GROUP + 2 * p);
+        dot_pair<NR>(accg, b, xb, r0, K, g * GROUP + 2 * p + 2);
       }
     }
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ts + g * TILE)));
@@ -158,8 +172,8 @@ at::Tensor quant_mm(const at::Tensor& x, const at::Tensor& qw, const at::Tensor&
   const int64_t M = x.size(0), K = x.size(1), tiles = (N + TILE - 1) / TILE, G = K / GROUP;
   TORCH_CHECK(K % GROUP == 0 && N > 0, "K must be a multiple of 32 and N positive");
   const int64_t pair_bytes = kind == Q8_0 ? 32 : 16;
-  TORCH_CHECK(qw.is_contiguous() && qw.numel() == tiles * (K / 2) * pair_bytes &&
-                  qw.element_size() == 1, "qw: packed [N/16, K/2, ", pair_bytes, "] bytes for N = ", N, ", K = ", K);
+  TORCH_CHECK(qw.is_contiguous() && qw.numel() == tiles * (K / 2) * pair_bytes && qw.element_size() == 1,
+              "qw: packed ", kind == Q8_0 ? "[N/16, K/2, 32]" : "[N/16, K/4, 32]", " bytes for N = ", N, ", K = ", K);
   TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == tiles * G * TILE,
               "scales: float16 [N/16, K/32, 16]");
   const bool has_mins = mins.has_value() && mins->defined();
