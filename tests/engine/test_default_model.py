@@ -72,11 +72,12 @@ def test_the_quantized_path_agrees_with_fp32_over_the_same_weights(engine, quant
     by 0.005 nats (median; 0.05 at p90, 0.1 at most over a 79-token prompt), so a greedy token can
     flip only where fp32's two best are within about twice that; after a flip the continuations
     differ, as any two numerically different runs do. Measured on 2026-11-29 (our quantized
-    kernel over the file's exact values, CPU attention, fused layer ops, bfloat16 KV cache): 5 of
-    the 6 prompts identical over 64 tokens, the other diverging at token 8 where fp32's top two
-    differed by 0.018 nats (on torch's int4 / int8 kernels, whose scales are rounded to bfloat16:
-    2 of 6 identical, divergences at near-ties of 0.005-0.139 nats). Required: every divergence at
-    such a near-tie (under 0.25 nats), and at least 4 prompts identical."""
+    kernel over the file's exact values, CPU attention, threaded fused layer ops, bfloat16 KV
+    cache): 4 of the 6 prompts identical over 64 tokens, the others diverging at tokens 16 and 8
+    where fp32's top two differed by 0.005 and 0.018 nats (on torch's int4 / int8 kernels, whose
+    scales are rounded to bfloat16: 2 of 6 identical, divergences at near-ties of 0.005-0.139
+    nats). Required: every divergence at such a near-tie (under 0.25 nats), and at least 3
+    prompts identical."""
     identical, report = 0, []
     for prompt in GREEDY_PROMPTS:
         ids = _ids(engine, prompt)
@@ -91,11 +92,12 @@ def test_the_quantized_path_agrees_with_fp32_over_the_same_weights(engine, quant
         gap = abs(top[0][1] - top[1][1])
         report.append((first, round(gap, 4)))
         assert gap < 0.25, f"diverged at token {first} where fp32's top two differ by {gap:.3f} nats"
-    assert identical >= 4, f"{identical}/6 identical; divergences (token, fp32 top-2 gap): {report}"
+    assert identical >= 3, f"{identical}/6 identical; divergences (token, fp32 top-2 gap): {report}"
 
 
 def test_quantized_telemetry_tracks_fp32(engine, quantized):
-    """The statistics of the quantized path against the fp32 path on the same 24 greedy tokens.
+    """The statistics of the quantized path against the fp32 path on the same greedy tokens (up
+    to 24, stopping before fp32's first near-tie so that both paths generate the same ones).
     Each path's statistics are exact for the attention it computed (test_request_telemetry_...
     below, and the backend tests against float64); they differ because bfloat16 activations
     move q and k, and the bfloat16 KV cache rounds k. Measured on 2026-11-29 (max / median over
@@ -104,7 +106,13 @@ def test_quantized_telemetry_tracks_fp32(engine, quantized):
     0.0008 (float32 KV cache: 0.019, 0.0049, 0.0070, 0.0067, 0.0057 at most). Limits: about twice
     those."""
     ids = engine.chat_prompt([{"role": "user", "content": "Name three famous painters."}])
-    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, head_telemetry=True)
+    # both paths must attend over the same tokens: stop before fp32's first near-tie (top two
+    # within 0.05 nats), where a greedy token may flip (test_the_quantized_path_agrees_...)
+    probe = engine.generate([ids], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=2))[0]
+    gaps = [abs(lp.top[0][1] - lp.top[1][1]) for lp in probe.logprobs]
+    n = next((i for i, gap in enumerate(gaps) if gap < 0.05), 24)
+    assert n >= 8, f"a near-tie at token {n}: too few rows to compare"
+    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, head_telemetry=True)
     a, b = quantized.generate([ids], params)[0], engine.generate([ids], params)[0]
     assert a.token_ids == b.token_ids
     limits = {"entropy": (0.05, 0.005), "normalized_entropy": (0.012, 0.0015), "max_weight": (0.015, 0.002),
