@@ -68,28 +68,39 @@ def hf_generate(hf, ids: list[list[int]], new_tokens: int, pad: int) -> float:
     return time.monotonic() - t0
 
 
-def telemetry_cost(engines: dict[str, Engine], batch: int, new_tokens: int, repeats: int, prompt=None) -> dict:
-    """Median decode step time with telemetry on and off. Both engines run the same workload at
-    once and step alternately (on, off, on, off, ...), so machine drift hits both alike."""
+TELEMETRY_AB = TelemetryConfig(sample_rate=0.5, attention_time_sample_rate=0.0)  # every other step samples
+
+
+def telemetry_cost(engine: Engine, batch: int, new_tokens: int, repeats: int, prompt=None) -> dict:
+    """Median decode step time of the steps that compute telemetry against those that do not,
+    in ONE engine built with TELEMETRY_AB: its steps alternate (on, off, on, ...) over the same
+    weights, cache and requests, so machine drift and memory placement hit both alike (two
+    separate engines differ by a few percent in their matmuls alone, from where their weights
+    landed in memory). The engine's step sampler is watched to label each step."""
     prompt = prompt or chat_ids   # prompt(engine, i) -> token ids of the i-th sequence
-    times: dict[str, list[float]] = {name: [] for name in engines}
+    sampler = engine._telemetry_sampler
+    assert sampler.rate == 0.5, "build the engine with TelemetryConfig(sample_rate=0.5)"
+    decisions: list[bool] = []
+    due = sampler.due
+    sampler.due = lambda: decisions.append(due()) or decisions[-1]
+    times: dict[bool, list[float]] = {True: [], False: []}
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    for _ in range(repeats):
-        for eng in engines.values():
+    try:
+        for _ in range(repeats):
             for i in range(batch):
-                eng.add_request(prompt(eng, i), params)
-        steps: dict[str, list[float]] = {name: [] for name in engines}
-        while any(eng.has_unfinished() for eng in engines.values()):
-            for name, eng in engines.items():
-                if eng.has_unfinished():
-                    t0 = time.monotonic()
-                    eng.step()
-                    steps[name].append(time.monotonic() - t0)
-        for name in engines:  # drop the prefill steps and the last: keep steps where every sequence decodes
-            times[name].extend(steps[name][2:-1])
-    on, off = statistics.median(times["on"]), statistics.median(times["off"])
+                engine.add_request(prompt(engine, i), params)
+            steps: list[tuple[bool, float]] = []
+            while engine.has_unfinished():
+                t0 = time.monotonic()
+                engine.step()
+                steps.append((decisions[-1], time.monotonic() - t0))
+            for sampled, dt in steps[2:-1]:  # drop the prefill steps and the last: every sequence decodes
+                times[sampled].append(dt)
+    finally:
+        sampler.due = due
+    on, off = statistics.median(times[True]), statistics.median(times[False])
     return {"batch": batch, "step_ms_on": on * 1000, "step_ms_off": off * 1000, "overhead_pct": (on / off - 1) * 100,
-            "steps_measured": len(times["on"])}
+            "steps_measured": len(times[True]) + len(times[False])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,10 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         res["aggregate"].append(row)
         log(f"  {row}")
 
-    log("telemetry cost (decode step time, on vs off, interleaved)")
-    engines = {"on": engine, "off": Engine(EngineConfig(cache=mem, telemetry=TelemetryConfig(enabled=False)),
-                                           loaded=loaded)}
-    res["telemetry"] = [telemetry_cost(engines, b, min(args.new_tokens, 48), args.telemetry_repeats) for b in (1, 16)]
+    log("telemetry cost (decode step time, on vs off, alternating steps of one engine)")
+    ab = Engine(EngineConfig(cache=mem, telemetry=TELEMETRY_AB), loaded=loaded)
+    res["telemetry"] = [telemetry_cost(ab, b, min(args.new_tokens, 48), args.telemetry_repeats) for b in (1, 16)]
     for row in res["telemetry"]:
         log(f"  {row}")
     emit(res, args.json)
@@ -170,9 +180,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _telemetry_only(loaded, mem: CacheConfig, args) -> int:
-    engines = {"on": Engine(EngineConfig(cache=mem), loaded=loaded),
-               "off": Engine(EngineConfig(cache=mem, telemetry=TelemetryConfig(enabled=False)), loaded=loaded)}
-    rows = [telemetry_cost(engines, b, min(args.new_tokens, 48), args.telemetry_repeats) for b in (1, 16)]
+    ab = Engine(EngineConfig(cache=mem, telemetry=TELEMETRY_AB), loaded=loaded)
+    rows = [telemetry_cost(ab, b, min(args.new_tokens, 48), args.telemetry_repeats) for b in (1, 16)]
     print(json.dumps(rows, indent=2))
     return 0
 
