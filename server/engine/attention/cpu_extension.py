@@ -41,16 +41,20 @@ class Extension:
     write: Callable | None = None  # torch.ops.headwise.write_kv: a step's new K/V into the cache
 
 
+HEADERS = [Path(__file__).parent.parent / "csrc" / "exp_nonpositive.h"]  # included by the sources
+
+
 def library_name(prefix: str, source: Path, flags: list[str]) -> str:
     """<prefix>_<cpu>_<source>: 8 hex digits of the CPU's model and flags (a cache shared across
-    machines never runs code built for another CPU) and 8 of the source and flags (two checkouts
-    with different sources each keep their own build instead of rebuilding in turn)."""
+    machines never runs code built for another CPU) and 8 of the source, the shared headers and
+    the flags (two checkouts with different sources each keep their own build instead of
+    rebuilding in turn)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         lines = []
     cpu = "\n".join(sorted({ln for ln in lines if ln.startswith(("flags", "model name", "vendor_id"))}))
-    src = source.read_bytes() + " ".join(flags).encode()
+    src = source.read_bytes() + b"".join(h.read_bytes() for h in HEADERS) + " ".join(flags).encode()
     return f"{prefix}_{hashlib.sha256(cpu.encode()).hexdigest()[:8]}_{hashlib.sha256(src).hexdigest()[:8]}"
 
 

@@ -11,13 +11,15 @@
 // when a call has at least ROW_WORK elements: at decode a call takes a few microseconds, less
 // than waking the thread pool; a prefill chunk's 256 rows split over both cores. With AVX-512 the
 // sum of squares and SiLU run 16 lanes wide (fixed-order partial sums, no -ffast-math); SiLU's
-// exp is the Cephes-style polynomial of attention/csrc/paged_decode.cpp, of a non-positive
+// exp is the Cephes-style polynomial of csrc/exp_nonpositive.h (shared with the attention op), of a non-positive
 // argument only (sigmoid(g) from e = exp(-|g|)).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
+
+#include "exp_nonpositive.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -86,30 +88,9 @@ at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& w, double eps) {
   return out;
 }
 
-// exp(x) for x <= 0, 0 below float's normal range (paged_decode.cpp's polynomial, scalar).
-inline float exp_nonpositive(float x) {
-  const bool under = x < -87.0f;
-  x = under ? -87.0f : x;
-  const float magic = 12582912.0f;
-  const float n = (x * 1.44269504088896341f + magic) - magic;
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return under ? 0.0f : p * two_n;
-}
-
 // silu(g) * u = g * sigmoid(g) * u, sigmoid from e = exp(-|g|) <= 1 (never overflows).
 inline float silu_mul(float g, float u) {
-  const float e = exp_nonpositive(-std::fabs(g));
+  const float e = headwise::exp_nonpositive(-std::fabs(g));
   const float sig = g >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
   return g * sig * u;
 }

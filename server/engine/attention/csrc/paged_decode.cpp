@@ -34,6 +34,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../../csrc/exp_nonpositive.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -46,34 +48,13 @@
 
 namespace {
 
+using headwise::exp_nonpositive;
+
 constexpr int64_t LANES = 16;
 
 // A cache element as float32: float32 as is, bfloat16 (c10::BFloat16, raw bits) widened exactly.
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
-
-// exp(x) for x <= 0 (callers pass s - max s); 0 below float's normal range, like a flush to zero.
-inline float exp_nonpositive(float x) {
-  const float lo = -87.0f;
-  const bool under = x < lo;
-  x = under ? lo : x;
-  // n = round(x / ln 2) by the 1.5 * 2^23 trick (no fast-math needed); r = x - n ln 2 in two steps
-  const float magic = 12582912.0f;
-  float n = (x * 1.44269504088896341f + magic) - magic;
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return under ? 0.0f : p * two_n;
-}
 
 inline float reduce_lanes(const float* acc) {
   float total = 0.0f;
