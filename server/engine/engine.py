@@ -33,7 +33,7 @@ from server.engine.output import EventFold, OutputProcessor, TokenEvent
 from server.engine.request import FinishReason, GrammarSpec, Request, RequestStats, RequestStatus, SamplingParams
 from server.engine.runner import ModelRunner, StepOutput
 from server.engine.scheduler import Batch, ScheduledRequest, Scheduler
-from server.engine.streams import RequestStream
+from server.engine.streams import RequestStream, Wakeups
 from server.engine.telemetry import HeadStats, HeadStatsAccumulator, RequestHeadTelemetry, RequestTelemetry
 from server.engine.telemetry_buffer import PendingStep, RowOwner, TelemetryBuffer
 
@@ -401,14 +401,18 @@ class Engine:
                           head_telemetry=head if req.params.head_telemetry else None, error=error)
 
     def _publish(self, events: list[TokenEvent]) -> list[TokenEvent]:
+        """Each event into its request's stream; the step's asyncio consumers are woken together,
+        once per event loop."""
+        wakeups = Wakeups()
         for ev in events:
             live = self._live.get(ev.request_id)
             if live is None:
                 continue
-            live.stream.put(ev)
+            live.stream.put(ev, wakeups)
             if ev.finished:
                 with self._inbox_lock:
                     del self._live[ev.request_id]
+        wakeups.flush()
         return events
 
     # -- consuming streams ------------------------------------------------------------------

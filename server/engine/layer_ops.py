@@ -40,7 +40,7 @@ class LayerOps:
 @functools.cache
 def load_layer_ops() -> LayerOps | None:
     """Build (first time) and load the ops; never raises. None, with one warning, when unavailable."""
-    reason = build_library("headwise_layer_ops", SOURCE, CFLAGS, ["-fopenmp"])
+    reason = build_library("headwise_layer_ops", [SOURCE], CFLAGS, ["-fopenmp"])
     if reason is None:
         import torch
 

@@ -94,7 +94,7 @@ class QuantMatmul:
 @functools.cache
 def load_quant_matmul() -> QuantMatmul | None:
     """Build (first time) and load the op; never raises. None, with one warning, when unavailable."""
-    reason = build_library("headwise_quant_matmul", SOURCE, CFLAGS, ["-fopenmp"])
+    reason = build_library("headwise_quant_matmul", [SOURCE], CFLAGS, ["-fopenmp"])
     if reason is None:
         return QuantMatmul(torch.ops.headwise_quant.quant_mm)
     logger.warning("headwise: the quantized CPU matmul is unavailable (%s); int4 / int8 run on torch's kernels", reason)

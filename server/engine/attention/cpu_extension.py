@@ -1,10 +1,12 @@
-"""Builds and loads the C++ paged-decode op (csrc/paged_decode.cpp) once per process.
+"""Builds and loads the C++ paged-attention ops (csrc/paged_decode.cpp, csrc/paged_prefill.cpp:
+one library) once per process.
 
 torch.utils.cpp_extension.load compiles it with the system C++ compiler and ninja into torch's
 extensions directory (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), once per source,
 flags and CPU: -march=native code only runs on the CPU kind it was built for, so the library's
 name carries fingerprints of the CPU and of the source. Later loads find it built
-(scripts/setup.sh builds it at set-up). The op registers itself as torch.ops.headwise.paged_decode.
+(scripts/setup.sh builds it at set-up). The ops register themselves as torch.ops.headwise.paged_decode,
+.paged_prefill and .write_kv.
 
     python -c "from server.engine.attention.cpu_extension import main; main()"   # build now (set-up)
 
@@ -28,7 +30,7 @@ from typing import Callable
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / "paged_decode.cpp", Path(__file__).parent / "csrc" / "paged_prefill.cpp"]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
 
 
@@ -39,12 +41,14 @@ class Extension:
     op: Callable | None     # torch.ops.headwise.paged_decode
     reason: str | None      # set when op is None
     write: Callable | None = None  # torch.ops.headwise.write_kv: a step's new K/V into the cache
+    prefill: Callable | None = None  # torch.ops.headwise.paged_prefill: a prefill chunk's rows
 
 
-HEADERS = [Path(__file__).parent.parent / "csrc" / "exp_nonpositive.h"]  # included by the sources
+HEADERS = [Path(__file__).parent.parent / "csrc" / "exp_nonpositive.h",
+           Path(__file__).parent / "csrc" / "cache_elements.h"]  # included by the sources
 
 
-def library_name(prefix: str, source: Path, flags: list[str]) -> str:
+def library_name(prefix: str, sources: list[Path], flags: list[str]) -> str:
     """<prefix>_<cpu>_<source>: 8 hex digits of the CPU's model and flags (a cache shared across
     machines never runs code built for another CPU) and 8 of the source, the shared headers and
     the flags (two checkouts with different sources each keep their own build instead of
@@ -54,12 +58,12 @@ def library_name(prefix: str, source: Path, flags: list[str]) -> str:
     except OSError:
         lines = []
     cpu = "\n".join(sorted({ln for ln in lines if ln.startswith(("flags", "model name", "vendor_id"))}))
-    src = source.read_bytes() + b"".join(h.read_bytes() for h in HEADERS) + " ".join(flags).encode()
+    src = b"".join(s.read_bytes() for s in [*sources, *HEADERS]) + " ".join(flags).encode()
     return f"{prefix}_{hashlib.sha256(cpu.encode()).hexdigest()[:8]}_{hashlib.sha256(src).hexdigest()[:8]}"
 
 
-def build_library(prefix: str, source: Path, cflags: list[str], ldflags: list[str] | None = None) -> str | None:
-    """Build (first time) and load a C++ source that registers torch ops; never raises.
+def build_library(prefix: str, sources: list[Path], cflags: list[str], ldflags: list[str] | None = None) -> str | None:
+    """Build (first time) and load C++ sources (one library) that register torch ops; never raises.
     None when its ops are registered, else why not (no compiler or ninja, a compile error)."""
     reason = _missing_tool()
     if reason is not None:
@@ -67,12 +71,13 @@ def build_library(prefix: str, source: Path, cflags: list[str], ldflags: list[st
     try:
         from torch.utils.cpp_extension import load
 
-        load(name=library_name(prefix, source, cflags), sources=[str(source)], extra_cflags=cflags,
+        load(name=library_name(prefix, sources, cflags), sources=[str(s) for s in sources], extra_cflags=cflags,
              extra_ldflags=ldflags or [], is_python_module=False)
         return None
     except Exception as exc:  # no source, a compiler or linker error, an unwritable cache dir
         lines = str(exc).strip().splitlines()
-        return f"building {source.name} failed: {type(exc).__name__}: {lines[0] if lines else ''}"
+        names = ", ".join(s.name for s in sources)
+        return f"building {names} failed: {type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 def _missing_tool() -> str | None:
@@ -93,11 +98,12 @@ def _missing_tool() -> str | None:
 @functools.cache
 def load_paged_decode() -> Extension:
     """Build (first time) and load the op; never raises. Logs one warning when unavailable."""
-    reason = build_library("headwise_paged_decode", SOURCE, CFLAGS, ["-fopenmp"])
+    reason = build_library("headwise_paged_decode", SOURCES, CFLAGS, ["-fopenmp"])
     if reason is None:
         import torch
 
-        return Extension(torch.ops.headwise.paged_decode, None, torch.ops.headwise.write_kv)
+        ops = torch.ops.headwise
+        return Extension(ops.paged_decode, None, ops.write_kv, ops.paged_prefill)
     logger.warning("headwise: the CPU paged-decode attention extension is unavailable (%s); "
                    "--attention-backend auto uses the torch reference, --attention-backend cpu cannot run",
                    reason)
@@ -107,7 +113,8 @@ def load_paged_decode() -> Extension:
 def main() -> None:
     """Build now; exit status 1 when the extension is unavailable (set-up warns and goes on)."""
     t0 = time.monotonic()
-    print(f"[cpu_extension] building {SOURCE.name} (or finding it built) ...", file=sys.stderr, flush=True)
+    names = ", ".join(s.name for s in SOURCES)
+    print(f"[cpu_extension] building {names} (or finding it built) ...", file=sys.stderr, flush=True)
     ext = load_paged_decode()
     if ext.op is None:
         print(f"[cpu_extension] not built: {ext.reason}", file=sys.stderr)

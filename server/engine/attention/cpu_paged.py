@@ -1,15 +1,18 @@
-"""The CPU fast path: decode rows through a C++ paged-decode op, prefill chunks as the reference.
+"""The CPU fast path: decode rows and prefill chunks through C++ ops over the paged cache.
 
 The step's new keys and values go into the cache through torch.ops.headwise.write_kv (one call
 instead of two casts and two index_copy_, with the same rounding). Decode rows (one query token
-per sequence) go to torch.ops.headwise.paged_decode
-(csrc/paged_decode.cpp, built by cpu_extension.py): it reads each sequence's keys and values
-straight from the layer's paged cache through its block table, with no gathered padded copy, and
-computes the output and, when asked, the telemetry accumulators (l, t, sink sum, position sum of
-server/engine/telemetry.py) in the same pass, one exact two-pass softmax per (row, query head),
-parallel over (row, KV head) pairs. Its output is bit-identical with telemetry on or off and
-does not depend on the other rows of the batch. Prefill chunks run exactly as in the torch
-reference (torch_ref.prefill_spans / attend_prefill).
+per sequence) go to torch.ops.headwise.paged_decode (csrc/paged_decode.cpp, built by
+cpu_extension.py): it reads each sequence's keys and values straight from the layer's paged cache
+through its block table, with no gathered padded copy, and computes the output and, when asked,
+the telemetry accumulators (l, t, sink sum, position sum of server/engine/telemetry.py) in the
+same pass, one exact two-pass softmax per (row, query head), parallel over (row, KV head) pairs.
+Its output is bit-identical with telemetry on or off and does not depend on the other rows of
+the batch. A prefill chunk's rows but the last go to torch.ops.headwise.paged_prefill
+(csrc/paged_prefill.cpp: causal attention over the same block table, the same float32 softmax,
+16 rows per tile); its last row, the one that samples, goes through paged_decode like a decode
+row of that position, which also yields its telemetry, so a prompt's last token is attended
+exactly as a generated one would be, whether or not its telemetry is on.
 
 Available only on a CPU device and only where the extension builds (a C++ compiler and ninja);
 otherwise "auto" picks the torch reference, after one logged warning naming the reason.
@@ -24,10 +27,20 @@ import torch
 
 from server.engine.attention.cpu_extension import load_paged_decode
 from server.engine.attention.metadata import AttentionMetadata
-from server.engine.attention.torch_ref import (PrefillSpan, attend_prefill, decode_stats_rows, prefill_spans,
-                                               weights_dtype)
+from server.engine.attention.torch_ref import decode_stats_rows
 from server.engine.kv_cache import KVCache
-from server.engine.telemetry import key_weights
+
+
+@dataclass(frozen=True)
+class CpuPrefill:
+    """One prefill sequence's chunk: rows start .. start + length - 1 of the flat batch."""
+
+    start: int                 # first query row
+    length: int                # query rows (>= 2)
+    keys: int                  # keys the chunk's last row sees (the cached prefix plus the chunk)
+    table: torch.Tensor        # [1, W] int32 the sequence's block table (a view), W blocks hold `keys`
+    seq_len: torch.Tensor      # [1] int32 = keys (a view of the metadata's seq_lens)
+    want_stats: bool           # the last row computes telemetry this step
 
 
 @dataclass(frozen=True)
@@ -40,11 +53,11 @@ class CpuPlan:
     decode_lens: torch.Tensor | None   # [Bd] int32 keys each decode row sees
     decode_want_stats: bool            # some decode row computes telemetry this step
     decode_stats: torch.Tensor | None  # [Rd] decode rows that compute telemetry, None when all
-    prefills: tuple[PrefillSpan, ...]
+    prefills: tuple[CpuPrefill, ...]
 
 
 class CpuPagedBackend:
-    """Decode attention in one C++ op over the paged cache; prefill chunks as the reference."""
+    """Decode rows and prefill chunks through C++ ops over the paged cache."""
 
     name = "cpu"
 
@@ -54,6 +67,7 @@ class CpuPagedBackend:
             raise RuntimeError(f"the cpu attention backend is unavailable: {ext.reason}")
         self.op = ext.op
         self.write = ext.write
+        self.prefill = ext.prefill
         self.cache = cache
         self.sink_tokens = sink_tokens
         k0 = cache.k[0]                                                    # [num_blocks + 1, bs, KVH, D]
@@ -61,9 +75,6 @@ class CpuPagedBackend:
             raise ValueError(f"the cpu attention backend needs a float32 or bfloat16 KV cache on the CPU, "
                              f"not {k0.dtype} on {k0.device}")
         self.scale = 1.0 / math.sqrt(k0.shape[-1])
-        n = max_positions or cache.num_blocks * cache.block_size
-        self.key_weights = key_weights(n, sink_tokens, k0.device, weights_dtype(k0.dtype))  # [P, 2] (prefill rows)
-        self.block_offsets = torch.arange(cache.block_size, device=k0.device)  # [bs]
 
     @staticmethod
     def supports(device: torch.device) -> bool:
@@ -84,7 +95,17 @@ class CpuPagedBackend:
             lens = meta.seq_lens[:bd]                                                # [Bd] int32
         want = bool(stats) and stats[0] < bd
         return CpuPlan(meta.slot_mapping, bd, table, lens, want, decode_stats_rows(stats, bd, meta.seq_lens.device),
-                       prefill_spans(meta, stats, self.block_offsets))
+                       self._prefills(meta, set(stats)))
+
+    def _prefills(self, meta: AttentionMetadata, stats: set[int]) -> tuple[CpuPrefill, ...]:
+        """The prefill chunks of a step: sequences num_decodes .. (stats: those whose last row
+        computes telemetry)."""
+        bs = self.cache.block_size
+        qsl = meta.query_start_loc_cpu.tolist()
+        lens = meta.seq_lens_cpu.tolist()
+        return tuple(CpuPrefill(qsl[b], qsl[b + 1] - qsl[b], lens[b], meta.block_table[b:b + 1, :-(-lens[b] // bs)],
+                                meta.seq_lens[b:b + 1], b in stats)
+                     for b in range(meta.num_decodes, meta.num_seqs))
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 plan: CpuPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -107,7 +128,7 @@ class CpuPagedBackend:
         if bd and plan.decode_want_stats:
             parts.append(acc if plan.decode_stats is None else acc[plan.decode_stats])  # [Rd, H, 4]
         for span in plan.prefills:
-            a = attend_prefill(cache, layer, q, out, span, self.scale, self.sink_tokens, self.key_weights)
+            a = self._prefill(layer, q, out, span)
             if a is not None:
                 parts.append(a)                                          # [1, H, 4]
         if not parts:
@@ -119,3 +140,17 @@ class CpuPagedBackend:
         [Bd, H, 4] (empty when no decode row wants telemetry)."""
         return self.op(q.contiguous(), self.cache.k[layer], self.cache.v[layer], plan.decode_table,
                        plan.decode_lens, self.scale, plan.decode_want_stats, self.sink_tokens)
+
+    def _prefill(self, layer: int, q: torch.Tensor, out: torch.Tensor, span: CpuPrefill) -> torch.Tensor | None:
+        """One chunk: rows but the last through paged_prefill, the last through paged_decode (as a
+        decode row at its position, whether or not it computes telemetry, so outputs never depend
+        on it). q, out [T, H, D] (out written in place). Returns the last row's accumulators
+        [1, H, 4] when span.want_stats, else None."""
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        first, last = span.start, span.start + span.length - 1
+        out[first:last] = self.prefill(q[first:last].contiguous(), kc, vc, span.table[0],
+                                       span.keys - span.length, self.scale)  # [n - 1, H, D]
+        o, acc = self.op(q[last:last + 1].contiguous(), kc, vc, span.table, span.seq_len, self.scale,
+                         span.want_stats, self.sink_tokens)              # [1, H, D], [1, H, 4]
+        out[last:last + 1] = o
+        return acc if span.want_stats else None

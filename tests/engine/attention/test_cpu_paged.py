@@ -176,14 +176,14 @@ def test_bad_inputs_are_refused(op):
 @pytest.mark.parametrize("stats", [[0, 1, 2], [1, 2], [0], [2], None], ids=["all", "some", "decode", "prefill", "off"])
 def test_mixed_step_matches_the_torch_backend(op, stats, cache_dtype):
     """Decode rows and a prefill chunk through the same forward: decode rows within 1e-5 of the
-    reference, prefill rows bit for bit (the same code), telemetry rows in the asked order, and
+    reference, prefill rows within 1e-5 (csrc/paged_prefill.cpp), telemetry rows in the asked order, and
     the output bit-identical with telemetry off."""
     def make(cache):
         backend = build_backend("cpu", cache, torch.device("cpu"), sink_tokens=4, max_positions=64)
         assert backend.name == "cpu"
         return backend
 
-    assert_mixed_step_matches_torch(make, stats, cache_dtype=cache_dtype)
+    assert_mixed_step_matches_torch(make, stats, cache_dtype=cache_dtype, prefill_tol=1e-5)
 
 
 def test_auto_prefers_cpu_on_a_cpu_device(op):
@@ -214,7 +214,7 @@ def test_without_a_compiler_auto_warns_once_and_cpu_fails_clearly(monkeypatch, c
 def test_a_compile_error_is_a_reason_not_an_exception(monkeypatch, tmp_path, caplog):
     broken = tmp_path / "paged_decode.cpp"
     broken.write_text("#error headwise test: this source does not compile\n")
-    monkeypatch.setattr(cpu_extension, "SOURCE", broken)
+    monkeypatch.setattr(cpu_extension, "SOURCES", [broken])
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     with caplog.at_level(logging.WARNING, logger=cpu_extension.__name__):
         ext = cpu_extension.load_paged_decode.__wrapped__()

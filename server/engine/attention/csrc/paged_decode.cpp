@@ -35,6 +35,7 @@
 #include <torch/library.h>
 
 #include "../../csrc/exp_nonpositive.h"
+#include "cache_elements.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -49,12 +50,14 @@
 namespace {
 
 using headwise::exp_nonpositive;
+using headwise::to_float;
+#if defined(__AVX512F__)
+using headwise::exp_nonpositive16;
+using headwise::load16;
+#endif
 
 constexpr int64_t LANES = 16;
 
-// A cache element as float32: float32 as is, bfloat16 (c10::BFloat16, raw bits) widened exactly.
-inline float to_float(float x) { return x; }
-inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 
 inline float reduce_lanes(const float* acc) {
   float total = 0.0f;
@@ -142,13 +145,6 @@ inline void tile_rows(const T* cache, const int32_t* table, int64_t j0, int64_t 
 }
 
 #if defined(__AVX512F__)
-// Sixteen cache elements as float32.
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
 // Sixteen horizontal sums at once: lane i of the result is the sum of the 16 lanes of a[i].
 inline __m512 hsum16(__m512* a) {
   __m512 b[8], c[4], d[2];
@@ -323,23 +319,6 @@ bool gqa_values(int64_t G, const float* e, const T* vc, const int32_t* table, in
     case 8: weighted_values_gqa<8>(e, vc, table, n, g0, g1, sh, o); return true;
     default: return false;
   }
-}
-
-inline __m512 exp_nonpositive16(__m512 x) {
-  const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), _mm512_scalef_ps(p, n));
 }
 
 // e[j] = exp(s[j] - m) (0 past n inside the last vector); returns l = sum e.

@@ -1,0 +1,326 @@
+// Causal attention of a prefill chunk's query rows over one sequence's paged K/V cache, on the CPU.
+//
+//   paged_prefill(q [n, H, D] float32, k_cache, v_cache [NB, bs, KVH, D] float32 or bfloat16,
+//                 block_table [W] int32, start, scale) -> out [n, H, D] float32
+//
+// Row i of the chunk sits at position start + i and attends keys 0 .. start + i, read through the
+// sequence's block table (the chunk's own keys are in the cache already: the backend writes a
+// step's K/V first). Per (row, query head) an exact two-pass softmax in float32, as in the torch
+// reference (server/engine/attention/torch_ref.py, prefill_attention):
+//   s_j = (q . k_j) * scale,  m = max s,  e_j = exp(s_j - m),  out = (sum_j e_j v_j) / sum_j e_j
+// No telemetry here: the row of a chunk that samples (its last) goes through the decode op, which
+// computes the accumulators (server/engine/attention/cpu_paged.py).
+//
+// Layout of the work (AVX-512, D a multiple of 16): 16 query rows of one KV head's G query heads
+// form a tile, one row per float32 lane, so the softmax of a row is lane-wise arithmetic across
+// keys (no horizontal sums). The tile's keys and values, widened once to float32 into a per-thread
+// scratch (kept across the tiles of a KV head), are read as broadcasts (q . k: one FMA per lane
+// and dimension, 8 keys in flight) and as vectors (sum e v: 4 rows x 64 dimensions in registers).
+// A row's sums run over d and then j in a fixed order whatever the tile or the chunk it is in
+// (keys past a row's position contribute exact zeros), so its result does not depend on how a
+// prompt is chunked or on the thread count. Tiles are paired first with last (t, T - 1 - t) so
+// every work item costs about the same under the causal mask; items run with at::parallel_for.
+// Elsewhere (no AVX-512 or D % 16 != 0) a portable loop per row does the same arithmetic.
+//
+// References: FlashAttention-2 (tiling), vLLM paged attention (block-table addressing).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../../csrc/exp_nonpositive.h"
+#include "cache_elements.h"
+
+#include <algorithm>
+#include <cfloat>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+using headwise::exp_nonpositive;
+using headwise::to_float;
+#if defined(__AVX512F__)
+using headwise::load16;
+#endif
+
+constexpr int64_t LANES = 16;        // query rows per tile: one float32 lane each
+constexpr float MASKED = -FLT_MAX;   // the score of a key past a row's position: exp gives exactly 0
+
+struct Geometry {
+  int64_t H, KVH, G, D, bs, slot_stride;  // slot_stride: elements between cache slots (KVH * D)
+};
+
+
+// The D elements of KV head g at key j (block-table addressing).
+template <typename T>
+inline const T* key_row(const T* cache, const int32_t* table, int64_t j, int64_t g, const Geometry& geo) {
+  const int64_t slot = static_cast<int64_t>(table[j / geo.bs]) * geo.bs + j % geo.bs;
+  return cache + slot * geo.slot_stride + g * geo.D;
+}
+
+// Per-thread scratch, reused across the work items a thread runs.
+struct Scratch {
+  std::vector<float> kf, vf;  // [keys, D] K and V of KV head `head`, widened to float32
+  int64_t head = -1, keys = 0;
+  std::vector<float> qt;      // [GC, D, 16] the tile's queries, transposed: lane = row
+  std::vector<float> s;       // [GC, nk, 16] scores, then exp(s - m)
+  std::vector<float> l;       // [GC, 16] sum of exp(s - m) per row
+};
+
+// kf / vf hold keys 0 .. nk - 1 of KV head g afterwards (widening only the keys not held yet).
+template <typename T>
+void widen(const T* kc, const T* vc, const int32_t* table, int64_t g, int64_t nk, const Geometry& geo, Scratch& sc) {
+  if (sc.head != g) {
+    sc.head = g;
+    sc.keys = 0;
+  }
+  if (nk <= sc.keys) return;
+  const int64_t D = geo.D;
+  if (static_cast<int64_t>(sc.kf.size()) < nk * D) {
+    sc.kf.resize(nk * D);
+    sc.vf.resize(nk * D);
+  }
+  for (int64_t j = sc.keys; j < nk; ++j) {
+    const T* k = key_row(kc, table, j, g, geo);
+    const T* v = key_row(vc, table, j, g, geo);
+    int64_t d = 0;
+#if defined(__AVX512F__)
+    for (; d + LANES <= D; d += LANES) {
+      _mm512_storeu_ps(&sc.kf[j * D + d], load16(k + d));
+      _mm512_storeu_ps(&sc.vf[j * D + d], load16(v + d));
+    }
+#endif
+    for (; d < D; ++d) {
+      sc.kf[j * D + d] = to_float(k[d]);
+      sc.vf[j * D + d] = to_float(v[d]);
+    }
+  }
+  sc.keys = nk;
+}
+
+#if defined(__AVX512F__)
+using headwise::exp_nonpositive16;
+
+// Keys in flight per pass of q . k: GC x KB accumulators, KB broadcasts and one query vector in
+// the 32 registers.
+constexpr int64_t keys_in_flight(int64_t gc) { return gc <= 2 ? 8 : gc <= 4 ? 6 : 3; }
+
+// s[i, j, lane] = (q_i[lane] . k_j) for keys j0 .. j0 + KB - 1; qt [GC, D, 16], kf [keys, D].
+template <int64_t GC, int64_t KB>
+inline void score_keys(const float* qt, const float* kf, int64_t j0, int64_t nk, int64_t D, float* s) {
+  __m512 acc[GC][KB];
+  for (int64_t i = 0; i < GC; ++i)
+    for (int64_t u = 0; u < KB; ++u) acc[i][u] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    __m512 kb[KB];
+    for (int64_t u = 0; u < KB; ++u) kb[u] = _mm512_set1_ps(kf[(j0 + u) * D + d]);
+    for (int64_t i = 0; i < GC; ++i) {
+      const __m512 qv = _mm512_loadu_ps(qt + (i * D + d) * LANES);
+      for (int64_t u = 0; u < KB; ++u) acc[i][u] = _mm512_fmadd_ps(qv, kb[u], acc[i][u]);
+    }
+  }
+  for (int64_t i = 0; i < GC; ++i)
+    for (int64_t u = 0; u < KB; ++u) _mm512_storeu_ps(s + (i * nk + j0 + u) * LANES, acc[i][u]);
+}
+
+// o[r, :16 W] = sum_j e[j, r] v_j[:16 W] / l[r] for 4 rows r (rows of them stored, HD floats
+// apart): e [nk, 16] (lane = row, this block's rows first), v [nk, D] (this block's dimensions
+// first). W a template argument: the 4 x W accumulators stay in registers.
+template <int64_t W>
+inline void weigh_values(const float* e, const float* v, int64_t nk, int64_t D, const float* l, int64_t rows,
+                         int64_t HD, float* o) {
+  __m512 acc[4][W];
+  for (int64_t r = 0; r < 4; ++r)
+    for (int64_t x = 0; x < W; ++x) acc[r][x] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < nk; ++j) {
+    __m512 vv[W];
+    for (int64_t x = 0; x < W; ++x) vv[x] = _mm512_loadu_ps(v + j * D + x * LANES);
+    for (int64_t r = 0; r < 4; ++r) {
+      const __m512 w = _mm512_set1_ps(e[j * LANES + r]);
+      for (int64_t x = 0; x < W; ++x) acc[r][x] = _mm512_fmadd_ps(w, vv[x], acc[r][x]);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 lv = _mm512_set1_ps(l[r]);
+    for (int64_t x = 0; x < W; ++x) _mm512_storeu_ps(o + r * HD + x * LANES, _mm512_div_ps(acc[r][x], lv));
+  }
+}
+
+// One tile (rows r0 .. r0 + nr - 1) of query heads h0 .. h0 + GC - 1, all of KV head g.
+template <int64_t GC, typename T>
+void tile(const float* q, const T* kc, const T* vc, const int32_t* table, int64_t start, int64_t r0, int64_t nr,
+          int64_t g, int64_t h0, const Geometry& geo, float scale, float* out, Scratch& sc) {
+  const int64_t D = geo.D, HD = geo.H * D;
+  const int64_t diag = start + r0;  // keys from here on are hidden from some rows of the tile
+  const int64_t nk = diag + nr;     // keys the tile's last row sees
+  widen(kc, vc, table, g, nk, geo, sc);
+  sc.qt.assign(GC * D * LANES, 0.0f);
+  for (int64_t i = 0; i < GC; ++i)
+    for (int64_t r = 0; r < nr; ++r) {
+      const float* qr = q + (r0 + r) * HD + (h0 + i) * D;
+      for (int64_t d = 0; d < D; ++d) sc.qt[(i * D + d) * LANES + r] = qr[d];
+    }
+  sc.s.resize(GC * nk * LANES);
+  sc.l.resize(GC * LANES);
+  float* s = sc.s.data();
+  constexpr int64_t KB = keys_in_flight(GC);
+  int64_t j0 = 0;
+  for (; j0 + KB <= nk; j0 += KB) score_keys<GC, KB>(sc.qt.data(), sc.kf.data(), j0, nk, D, s);
+  for (; j0 < nk; ++j0) score_keys<GC, 1>(sc.qt.data(), sc.kf.data(), j0, nk, D, s);
+
+  const __m512 sc_v = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < GC; ++i) {  // softmax per lane: scale, mask, max, exp, sum
+    float* si = s + i * nk * LANES;
+    __m512 m = _mm512_set1_ps(MASKED);
+    for (int64_t j = 0; j < nk; ++j) {
+      __m512 x = _mm512_mul_ps(_mm512_loadu_ps(si + j * LANES), sc_v);
+      if (j >= diag)  // lanes r < j - diag sit before key j
+        x = _mm512_mask_mov_ps(_mm512_set1_ps(MASKED), static_cast<__mmask16>(0xFFFFu << (j - diag)), x);
+      _mm512_storeu_ps(si + j * LANES, x);
+      m = _mm512_max_ps(m, x);
+    }
+    __m512 l = _mm512_setzero_ps();
+    for (int64_t j = 0; j < nk; ++j) {
+      const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(si + j * LANES), m));
+      _mm512_storeu_ps(si + j * LANES, e);
+      l = _mm512_add_ps(l, e);
+    }
+    _mm512_storeu_ps(sc.l.data() + i * LANES, l);
+  }
+
+  for (int64_t i = 0; i < GC; ++i) {  // out = sum_j e_j v_j / l: 4 rows x 64 dimensions at a time
+    const float* ei = s + i * nk * LANES;
+    const float* li = sc.l.data() + i * LANES;
+    for (int64_t rb = 0; rb < nr; rb += 4) {
+      const int64_t rows = std::min<int64_t>(4, nr - rb);
+      float* o = out + (r0 + rb) * HD + (h0 + i) * D;
+      int64_t d0 = 0;
+      for (; d0 + 4 * LANES <= D; d0 += 4 * LANES) weigh_values<4>(ei + rb, sc.vf.data() + d0, nk, D, li + rb, rows, HD, o + d0);
+      switch ((D - d0) / LANES) {
+        case 3: weigh_values<3>(ei + rb, sc.vf.data() + d0, nk, D, li + rb, rows, HD, o + d0); break;
+        case 2: weigh_values<2>(ei + rb, sc.vf.data() + d0, nk, D, li + rb, rows, HD, o + d0); break;
+        case 1: weigh_values<1>(ei + rb, sc.vf.data() + d0, nk, D, li + rb, rows, HD, o + d0); break;
+        default: break;
+      }
+    }
+  }
+}
+
+// The G query heads of KV head g in groups of up to 8 (the register budget of score_keys).
+template <typename T>
+void tile_heads(const float* q, const T* kc, const T* vc, const int32_t* table, int64_t start, int64_t r0,
+                int64_t nr, int64_t g, const Geometry& geo, float scale, float* out, Scratch& sc) {
+  for (int64_t h0 = g * geo.G; h0 < (g + 1) * geo.G; h0 += 8) {
+    switch (std::min<int64_t>(8, (g + 1) * geo.G - h0)) {
+      case 1: tile<1>(q, kc, vc, table, start, r0, nr, g, h0, geo, scale, out, sc); break;
+      case 2: tile<2>(q, kc, vc, table, start, r0, nr, g, h0, geo, scale, out, sc); break;
+      case 3: tile<3>(q, kc, vc, table, start, r0, nr, g, h0, geo, scale, out, sc); break;
+      case 4: tile<4>(q, kc, vc, table, start, r0, nr, g, h0, geo, scale, out, sc); break;
+      case 5: tile<5>(q, kc, vc, table, start, r0, nr, g, h0, geo, scale, out, sc); break;
+      case 6: tile<6>(q, kc, vc, table, start, r0, nr, g, h0, geo, scale, out, sc); break;
+      case 7: tile<7>(q, kc, vc, table, start, r0, nr, g, h0, geo, scale, out, sc); break;
+      default: tile<8>(q, kc, vc, table, start, r0, nr, g, h0, geo, scale, out, sc); break;
+    }
+  }
+}
+#endif
+
+// Portable: rows r0 .. r0 + nr - 1, every query head of KV head g, one row at a time.
+template <typename T>
+void rows_portable(const float* q, const T* kc, const T* vc, const int32_t* table, int64_t start, int64_t r0,
+                   int64_t nr, int64_t g, const Geometry& geo, float scale, float* out, Scratch& sc) {
+  const int64_t D = geo.D, HD = geo.H * D;
+  widen(kc, vc, table, g, start + r0 + nr, geo, sc);
+  std::vector<float> e, o(D);
+  for (int64_t r = r0; r < r0 + nr; ++r) {
+    const int64_t n = start + r + 1;
+    e.resize(n);
+    for (int64_t h = g * geo.G; h < (g + 1) * geo.G; ++h) {
+      const float* qr = q + r * HD + h * D;
+      float m = MASKED;
+      for (int64_t j = 0; j < n; ++j) {
+        float acc = 0.0f;
+        for (int64_t d = 0; d < D; ++d) acc += qr[d] * sc.kf[j * D + d];
+        e[j] = acc * scale;
+        m = std::max(m, e[j]);
+      }
+      float l = 0.0f;
+      for (int64_t j = 0; j < n; ++j) {
+        e[j] = exp_nonpositive(e[j] - m);
+        l += e[j];
+      }
+      std::fill(o.begin(), o.end(), 0.0f);
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t d = 0; d < D; ++d) o[d] += e[j] * sc.vf[j * D + d];
+      for (int64_t d = 0; d < D; ++d) out[r * HD + h * D + d] = o[d] / l;
+    }
+  }
+}
+
+at::Tensor paged_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const at::Tensor& block_table, int64_t start, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous() && q.device().is_cpu(),
+              "paged_prefill: q must be a contiguous float32 CPU tensor [n, H, D]");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "paged_prefill: k_cache and v_cache must both be [NB, block_size, KVH, D]");
+  TORCH_CHECK((k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16) &&
+                  v_cache.scalar_type() == k_cache.scalar_type() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
+              "paged_prefill: k_cache and v_cache must be contiguous CPU tensors, both float32 or both bfloat16");
+  TORCH_CHECK(block_table.dim() == 1 && block_table.scalar_type() == at::kInt && block_table.is_contiguous() &&
+                  block_table.device().is_cpu(),
+              "paged_prefill: block_table must be a contiguous int32 [W]");
+  const int64_t n = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t NB = k_cache.size(0), bs = k_cache.size(1), KVH = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D, "paged_prefill: head_dim of q and the cache differ");
+  TORCH_CHECK(KVH > 0 && H % KVH == 0, "paged_prefill: H must be a multiple of KVH");
+  TORCH_CHECK(start >= 0, "paged_prefill: start must be >= 0");
+  const int64_t keys = start + n;  // the last row's keys
+  TORCH_CHECK(keys <= block_table.size(0) * bs, "paged_prefill: start + n = ", keys,
+              " keys need more blocks than block_table holds (", block_table.size(0), " of ", bs, ")");
+  const int32_t* table = block_table.data_ptr<int32_t>();
+  for (int64_t w = 0; w < (keys + bs - 1) / bs; ++w)  // every block the kernel will read, checked first
+    TORCH_CHECK(table[w] >= 0 && table[w] < NB, "paged_prefill: block_table[", w, "] = ", table[w], " out of range");
+  at::Tensor out = at::empty({n, H, D}, q.options());
+  if (n == 0) return out;
+  const Geometry geo{H, KVH, H / KVH, D, bs, KVH * D};
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  const int64_t tiles = (n + LANES - 1) / LANES, pairs = (tiles + 1) / 2;
+  // work items: (KV head, tile pair t / T - 1 - t); below ~32k (row, key, KV head) triples the
+  // work (~0.1 ms) is not worth waking another thread
+  const int64_t items = KVH * pairs;
+  const int64_t grain = n * keys * KVH < (1 << 15) ? items : 1;
+  auto run = [&](const auto* kc, const auto* vc) {
+    at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+      Scratch scratch;
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t g = it / pairs, p = it % pairs;
+        for (const int64_t t : {tiles - 1 - p, p}) {  // the longer tile first: its widened keys serve both
+          const int64_t r0 = t * LANES, nr = std::min(LANES, n - r0);
+#if defined(__AVX512F__)
+          if (D % LANES == 0) tile_heads(qp, kc, vc, table, start, r0, nr, g, geo, sc, op, scratch);
+          else
+#endif
+            rows_portable(qp, kc, vc, table, start, r0, nr, g, geo, sc, op, scratch);
+          if (t == p) break;  // the middle tile of an odd count: once
+        }
+      }
+    });
+  };
+  if (k_cache.scalar_type() == at::kBFloat16)
+    run(k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>());
+  else
+    run(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(headwise, m) {
+  m.def("paged_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, int start, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(headwise, CPU, m) { m.impl("paged_prefill", &paged_prefill); }
