@@ -82,13 +82,19 @@ def quantize_q8_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass(frozen=True)
 class QuantMatmul:
-    """The loaded op: mm(x [T, in], packed, bias) -> float32 [T, out]."""
+    """The loaded ops: mm(x [T, in], packed, bias) -> float32 [T, out], or into out (float32
+    [T, out] with unit column stride, e.g. rows of a bigger tensor) when given."""
 
     op: Callable
+    op_out: Callable
 
-    def mm(self, x: torch.Tensor, packed: PackedBlocks, bias: torch.Tensor | None) -> torch.Tensor:
-        return self.op(x, packed.qw, packed.scales, packed.mins, KIND_CODES[packed.kind],
-                       packed.out_features, bias)                                       # [T, out]
+    def mm(self, x: torch.Tensor, packed: PackedBlocks, bias: torch.Tensor | None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+        args = (x, packed.qw, packed.scales, packed.mins, KIND_CODES[packed.kind], packed.out_features, bias)
+        if out is None:
+            return self.op(*args)                                                       # [T, out]
+        self.op_out(*args, out)
+        return out                                                                      # [T, out]
 
 
 @functools.cache
@@ -96,6 +102,6 @@ def load_quant_matmul() -> QuantMatmul | None:
     """Build (first time) and load the op; never raises. None, with one warning, when unavailable."""
     reason = build_library("headwise_quant_matmul", [SOURCE], CFLAGS, ["-fopenmp"])
     if reason is None:
-        return QuantMatmul(torch.ops.headwise_quant.quant_mm)
+        return QuantMatmul(torch.ops.headwise_quant.quant_mm, torch.ops.headwise_quant.quant_mm_out)
     logger.warning("headwise: the quantized CPU matmul is unavailable (%s); int4 / int8 run on torch's kernels", reason)
     return None

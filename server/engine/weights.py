@@ -180,9 +180,15 @@ class Bf16Linear:
         self.weight = weight.to(torch.bfloat16)  # [out, in]
         self.bias = bias                         # [out] float32 or None
 
-    def __call__(self, x: torch.Tensor, num_decodes: int | None = None) -> torch.Tensor:
-        y = F.linear(x.to(torch.bfloat16), self.weight).float()       # [T, out]
-        return y if self.bias is None else y + self.bias
+    def __call__(self, x: torch.Tensor, num_decodes: int | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, in] -> float32 [T, out]; written into out (float32 [T, out]) when given."""
+        y = F.linear(x.to(torch.bfloat16), self.weight)                 # [T, out] bf16
+        if out is None:
+            y = y.float()                                                # [T, out]
+            return y if self.bias is None else y + self.bias
+        out.copy_(y)                                                     # [T, out] widened exactly
+        return out if self.bias is None else out.add_(self.bias)
 
 
 class Int8Linear:
@@ -211,11 +217,11 @@ class Int8Linear:
     def __call__(self, x: torch.Tensor, num_decodes: int | None = None) -> torch.Tensor:
         return split_rows(self._quantized, self.prefill, x, num_decodes)           # [T, out]
 
-    def _quantized(self, x: torch.Tensor) -> torch.Tensor:
+    def _quantized(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.kernel is not None:
-            return self.kernel.mm(x, self.blocks, self.bias)                         # [T, out]
+            return self.kernel.mm(x, self.blocks, self.bias, out)                    # [T, out]
         y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales).float()  # [T, out]
-        return y if self.bias is None else y + self.bias
+        return into(y if self.bias is None else y + self.bias, out)
 
 
 class Int4Linear:
@@ -250,28 +256,37 @@ class Int4Linear:
     def __call__(self, x: torch.Tensor, num_decodes: int | None = None) -> torch.Tensor:
         return split_rows(self._quantized, self.prefill, x, num_decodes)           # [T, out]
 
-    def _quantized(self, x: torch.Tensor) -> torch.Tensor:
+    def _quantized(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.kernel is not None:
-            return self.kernel.mm(x, self.blocks, self.bias)                         # [T, out]
+            return self.kernel.mm(x, self.blocks, self.bias, out)                    # [T, out]
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP,
                                                         self.scales_zeros).float()  # [T, out + pad]
         if self.padded:
             y = y[:, :self.out_features]                                             # [T, out]
-        return y if self.bias is None else y + self.bias
+        return into(y if self.bias is None else y + self.bias, out)
 
 
 Linear = Fp32Linear | Bf16Linear | Int8Linear | Int4Linear
 
 
+def into(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """y, or y copied into out when out is given."""
+    return y if out is None else out.copy_(y)
+
+
 def split_rows(quantized, prefill: Bf16Linear | None, x: torch.Tensor, num_decodes: int | None) -> torch.Tensor:
     """Decode rows (the first num_decodes of x [T, in]) through the quantized kernel, prefill rows
     through the dense bfloat16 copy when there is one: each row's kernel depends on its kind, never
-    on the batch, and prefill chunks get the GEMM that is fast at many rows."""
+    on the batch, and prefill chunks get the GEMM that is fast at many rows. A mixed step's two
+    parts are written into one output (no concatenation)."""
     if prefill is None or num_decodes is None or num_decodes >= x.shape[0]:
         return quantized(x)                                                          # [T, out]
     if num_decodes == 0:
         return prefill(x)                                                            # [T, out]
-    return torch.cat([quantized(x[:num_decodes]), prefill(x[num_decodes:])])        # [T, out]
+    out = x.new_empty(x.shape[0], prefill.weight.shape[0], dtype=torch.float32)      # [T, out]
+    quantized(x[:num_decodes], out[:num_decodes])                                    # [Bd, out]
+    prefill(x[num_decodes:], out=out[num_decodes:])                                  # [T - Bd, out]
+    return out
 
 
 def make_linear(w: torch.Tensor | QuantizedTensor, bias: torch.Tensor | None, fmt: str, name: str,

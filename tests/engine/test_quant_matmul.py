@@ -70,6 +70,27 @@ def test_bfloat16_inputs_and_an_empty_batch():
     assert kernel.mm(x[:0], packed, None).shape == (0, 32)
 
 
+@pytest.mark.parametrize("kind", ["Q4_0", "Q8_0"])
+def test_out_writes_rows_of_a_bigger_tensor(kind):
+    """quant_mm_out: the same values into rows 2 .. 6 of a wider buffer; every other element is
+    left alone."""
+    qt = random_blocks(kind, 40, 64, 8)
+    packed = pack_blocks(kind, qt.q, qt.scales, qt.mins)
+    x = torch.randn(5, 64)                                                                    # [M, in]
+    bias = torch.randn(40)                                                                    # [out]
+    buf = torch.full((9, 40), 7.0)                                                            # [9, out]
+    got = kernel.mm(x, packed, bias, out=buf[2:7])
+    assert got.data_ptr() == buf[2:7].data_ptr()
+    assert torch.equal(buf[2:7], kernel.mm(x, packed, bias))
+    assert (buf[:2] == 7).all() and (buf[7:] == 7).all()
+    with pytest.raises(RuntimeError, match="out: float32"):
+        kernel.mm(x, packed, bias, out=torch.empty(5, 40, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="out: float32"):
+        kernel.mm(x, packed, bias, out=torch.empty(40, 5).t())                                # column stride 5
+    with pytest.raises(RuntimeError, match="out: float32"):
+        kernel.mm(x, packed, bias, out=torch.empty(4, 40))
+
+
 def test_quantize_q8_0_makes_the_blocks_gguf_makes():
     w = (np.random.default_rng(0).standard_normal((24, 96)) * 0.05).astype(np.float32)
     w[3, :32] = 0.0                                                                           # an all-zero group

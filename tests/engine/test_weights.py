@@ -88,11 +88,12 @@ def test_a_quantized_row_does_not_depend_on_its_batch(fmt, kind, quant_kernel):
     assert torch.equal(lin(x[5:21]), full[5:21])
 
 
+@pytest.mark.parametrize("quant_kernel", [True, False], ids=["ours", "torch"])
 @pytest.mark.parametrize("fmt, kind", [("int8", "Q8_0"), ("int4", "Q4_1")])
-def test_decode_rows_take_the_quantized_kernel_and_prefill_rows_the_dense_copy(fmt, kind):
+def test_decode_rows_take_the_quantized_kernel_and_prefill_rows_the_dense_copy(fmt, kind, quant_kernel):
     qt, ref = blocks(kind, 64, 96)
-    lin = make_linear(qt, None, fmt, "w", CPU, dense_prefill=True)
-    alone = make_linear(qt, None, fmt, "w", CPU)                              # no copy: quantized for every row
+    lin = make_linear(qt, None, fmt, "w", CPU, dense_prefill=True, quant_kernel=quant_kernel)
+    alone = make_linear(qt, None, fmt, "w", CPU, quant_kernel=quant_kernel)  # no copy: quantized for every row
     x = torch.randn(9, 96)                                                    # [T, in] 3 decodes, 6 prefill rows
     mixed = lin(x, 3)                                                         # [T, out]
     assert torch.equal(mixed[:3], alone(x[:3])) and torch.equal(mixed[:3], lin(x[:3], 3))

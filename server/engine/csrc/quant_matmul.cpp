@@ -1,6 +1,8 @@
 // Weight-only quantized matmul for the CPU decode path (server/engine/quant_matmul.py).
 //
 //   quant_mm(x, qw, scales, mins, kind, N, bias) -> y [M, N] float32,  y = x @ W^T (+ bias)
+//   quant_mm_out(x, qw, scales, mins, kind, N, bias, out): the same into out, float32 [M, N] with
+//   unit column stride (e.g. the first rows of a mixed step's output: no concatenation)
 //
 // W is a GGUF block-quantized matrix [N, K] (group 32 along K) in its own values:
 //   kind 0  Q4_0  w = (q - 8) d        q in 0..15
@@ -129,7 +131,7 @@ void tile_rows(const uint8_t* tw, const c10::Half* ts, const c10::Half* tm, cons
 
 template <int64_t KIND>
 void run_tiles(const uint8_t* qw, const c10::Half* sc, const c10::Half* mn, const uint16_t* xb, const float* xs,
-               const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
+               const float* bias, float* y, int64_t ldy, int64_t M, int64_t N, int64_t K) {
   const int64_t tiles = (N + TILE - 1) / TILE, G = K / GROUP;
   const int64_t tile_bytes = (KIND == Q8_0 ? 32 : 16) * (K / 2);
   const __m512i table = nibble_table(KIND == Q4_0);
@@ -158,14 +160,15 @@ void run_tiles(const uint8_t* qw, const c10::Half* sc, const c10::Half* mn, cons
           default: tile_rows<KIND, ROWS>(tw, ts, tm, xb, xs, r0, K, table, out); break;
         }
         for (int64_t r = 0; r < nr; ++r)
-          _mm512_mask_storeu_ps(y + (r0 + r) * N + n0, mask, _mm512_add_ps(out[r], b));
+          _mm512_mask_storeu_ps(y + (r0 + r) * ldy + n0, mask, _mm512_add_ps(out[r], b));
       }
     }
   });
 }
 
-at::Tensor quant_mm(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scales,
-                    const c10::optional<at::Tensor>& mins, int64_t kind, int64_t N, const c10::optional<at::Tensor>& bias) {
+void quant_mm_into(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scales,
+                   const c10::optional<at::Tensor>& mins, int64_t kind, int64_t N, const c10::optional<at::Tensor>& bias,
+                   const at::Tensor& y) {
   TORCH_CHECK(kind == Q4_0 || kind == Q4_1 || kind == Q8_0, "kind: 0 (Q4_0), 1 (Q4_1) or 2 (Q8_0)");
   TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "x: float32 or bfloat16 [M, K]");
@@ -185,8 +188,10 @@ at::Tensor quant_mm(const at::Tensor& x, const at::Tensor& qw, const at::Tensor&
   if (has_bias)
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "bias: float32 [N]");
 
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  if (M == 0) return y;
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.dim() == 2 && y.size(0) == M && y.size(1) == N && y.stride(1) == 1 &&
+                  y.stride(0) >= N && y.device().is_cpu(),
+              "out: float32 [M, N] with unit column stride");
+  if (M == 0) return;
   at::Tensor xb = x.to(at::kBFloat16).contiguous();  // [M, K] the activations every quantized kernel takes
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<c10::BFloat16>());
   std::vector<float> xs;
@@ -205,16 +210,35 @@ at::Tensor quant_mm(const at::Tensor& x, const at::Tensor& qw, const at::Tensor&
   const c10::Half* mp = has_mins ? mins->data_ptr<c10::Half>() : nullptr;
   const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  if (kind == Q4_0) run_tiles<Q4_0>(wp, sp, mp, xp, xs.data(), bp, yp, M, N, K);
-  else if (kind == Q4_1) run_tiles<Q4_1>(wp, sp, mp, xp, xs.data(), bp, yp, M, N, K);
-  else run_tiles<Q8_0>(wp, sp, mp, xp, xs.data(), bp, yp, M, N, K);
+  const int64_t ldy = y.stride(0);
+  if (kind == Q4_0) run_tiles<Q4_0>(wp, sp, mp, xp, xs.data(), bp, yp, ldy, M, N, K);
+  else if (kind == Q4_1) run_tiles<Q4_1>(wp, sp, mp, xp, xs.data(), bp, yp, ldy, M, N, K);
+  else run_tiles<Q8_0>(wp, sp, mp, xp, xs.data(), bp, yp, ldy, M, N, K);
+}
+
+at::Tensor quant_mm(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scales,
+                    const c10::optional<at::Tensor>& mins, int64_t kind, int64_t N, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2, "x: float32 or bfloat16 [M, K]");
+  at::Tensor y = at::empty({x.size(0), N}, x.options().dtype(at::kFloat));
+  quant_mm_into(x, qw, scales, mins, kind, N, bias, y);
   return y;
+}
+
+void quant_mm_out(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scales,
+                  const c10::optional<at::Tensor>& mins, int64_t kind, int64_t N, const c10::optional<at::Tensor>& bias,
+                  at::Tensor out) {
+  quant_mm_into(x, qw, scales, mins, kind, N, bias, out);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(headwise_quant, m) {
   m.def("quant_mm(Tensor x, Tensor qw, Tensor scales, Tensor? mins, int kind, int N, Tensor? bias) -> Tensor");
+  m.def("quant_mm_out(Tensor x, Tensor qw, Tensor scales, Tensor? mins, int kind, int N, Tensor? bias, "
+        "Tensor(a!) out) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(headwise_quant, CPU, m) { m.impl("quant_mm", &quant_mm); }
+TORCH_LIBRARY_IMPL(headwise_quant, CPU, m) {
+  m.impl("quant_mm", &quant_mm);
+  m.impl("quant_mm_out", &quant_mm_out);
+}

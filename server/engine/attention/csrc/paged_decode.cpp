@@ -561,13 +561,33 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(const at::Tensor& q, const at::T
 // k_cache, v_cache [NB, bs, KVH, D] (float32 or bfloat16) at slots [T] <- k, v [T, KVH, D] (float32
 // or bfloat16), rounded to the cache's dtype to nearest even, as Tensor.to does: the decode
 // step's four torch ops (two casts, two index_copy_) in one call. Every slot is checked first.
+// float32 -> bfloat16 bits by c10::BFloat16(float)'s rule (nearest even; NaN -> 0x7FC0), in
+// integer arithmetic that the compiler vectorizes.
+inline uint16_t bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return f != f ? static_cast<uint16_t>(0x7FC0) : rounded;
+}
+
+inline void store_row(c10::BFloat16* __restrict dst, const float* __restrict src, int64_t n) {
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) d[i] = bf16_bits(src[i]);
+}
+inline void store_row(float* __restrict dst, const c10::BFloat16* __restrict src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+}
+template <typename T>
+inline void store_row(T* __restrict dst, const T* __restrict src, int64_t n) {
+  std::memcpy(dst, src, n * sizeof(T));
+}
+
 template <typename C, typename S>
 void write_rows(C* kc, C* vc, const int64_t* slots, const S* k, const S* v, int64_t T, int64_t row) {
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = 0; i < row; ++i) {
-      kc[slots[t] * row + i] = static_cast<C>(static_cast<float>(k[t * row + i]));
-      vc[slots[t] * row + i] = static_cast<C>(static_cast<float>(v[t * row + i]));
-    }
+  for (int64_t t = 0; t < T; ++t) {
+    store_row(kc + slots[t] * row, k + t * row, row);
+    store_row(vc + slots[t] * row, v + t * row, row);
+  }
 }
 
 void write_kv(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots, const at::Tensor& k,
