@@ -37,6 +37,7 @@ References: vLLM v1 sampler (vllm/v1/sample/), Hugging Face logits processors
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -268,8 +269,25 @@ def truncation_threshold(logits: torch.Tensor, probs: torch.Tensor, top_k: torch
 # ---------------------------------------------------------------------------------------- draws
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """argmax per row [B], the lowest index on ties."""
-    return logits.argmax(dim=-1)                                      # [B]
+    """argmax per row [B], the lowest index on ties; a NaN counts as the largest, as in
+    torch.argmax (whose CPU kernel tracks indices one value at a time: ~350 us for 16 rows of
+    49152). In two stages: the max of each block of S values (a vectorized reduction), the first
+    block holding the row's max, then the first index of the max inside that block. The same
+    result as logits.argmax(-1)."""
+    b, v = logits.shape
+    s = _argmax_block(v)
+    if s is None or b == 0:
+        return logits.argmax(dim=-1)                                  # [B]
+    blocks = logits.reshape(b, v // s, s)                             # [B, V / S, S]
+    first = blocks.amax(dim=-1).argmax(dim=-1)                        # [B] first block holding the max
+    inner = blocks[torch.arange(b, device=logits.device), first].argmax(dim=-1)  # [B]
+    return first * s + inner                                          # [B]
+
+
+@functools.cache
+def _argmax_block(vocab: int) -> int | None:
+    """The largest divisor of vocab in 256 .. 2048 (block size of greedy), or None."""
+    return next((s for s in range(min(vocab // 2, 2048), 255, -1) if vocab % s == 0), None)
 
 
 def inverse_cdf_draw(cdf: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

@@ -99,6 +99,26 @@ def test_greedy_ties_take_lowest_index_and_handle_inf():
     assert greedy(x).tolist() == [3, 4, 9, 6] == torch.argmax(x, dim=-1).tolist()
 
 
+@pytest.mark.parametrize("vocab", [49152, 1024, 512 * 3, 1009])  # 1009 (prime): no block size, torch's argmax
+def test_greedy_in_blocks_equals_argmax_on_ties_infinities_and_nan(vocab):
+    """greedy's two-stage argmax (block maxima, then inside the first block holding the max)
+    returns what torch.argmax does: the lowest index on ties, also across blocks, and the first
+    NaN of a row that holds one."""
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(9, vocab, generator=g)                            # [9, V]
+    x[1] = 3.0                                                        # all tied: 0
+    x[2, [vocab - 1, vocab // 2, 700]] = 50.0                         # ties in different blocks
+    x[3] = NEG_INF
+    x[3, vocab - 2] = -1e30
+    x[4, [600, 5]] = float("inf")
+    x[5, [900, 801]] = float("nan")                                   # NaN counts as the largest
+    x[6, 17] = float("nan")
+    x[6, 3] = float("inf")
+    x[7] = NEG_INF                                                    # all -inf: 0
+    assert greedy(x).tolist() == torch.argmax(x, dim=-1).tolist()
+    assert greedy(x[8:8].reshape(0, vocab)).shape == (0,)
+
+
 def test_greedy_rows_mixed_with_random_rows():
     x = _logits(6, 300, 2)                                            # [6, 300]
     rows = [_row(seed=i, temperature=0.0 if i % 2 == 0 else 1.0) for i in range(6)]
