@@ -2,10 +2,11 @@
 
 At decode the glue between a layer's matmuls costs more than its arithmetic: F.rms_norm alone
 dispatches five ops on a CPU (about 23 us a call with 61 calls a step), and every cast, split and
-RoPE term is one more. Three C++ ops replace those chains where the next matmul wants bfloat16
+RoPE term is one more. Four C++ ops replace those chains where the next matmul wants bfloat16
 activations (the int4 / int8 / bf16 formats):
 
     rms_norm_bf16(x, w, eps)             F.rms_norm(x, w, eps).to(bfloat16)
+    add_rms_norm_bf16(x, y, w, eps)      x += y in place (float32), then rms_norm_bf16(x, w, eps)
     silu_mul_bf16(gate_up)               (F.silu(gate) * up).to(bfloat16)
     qkv_rope(qkv, cos, sin, H, KVH)      q, k rotated (rotate-half RoPE) and v, float32
 
@@ -33,6 +34,7 @@ SOURCE = Path(__file__).parent / "csrc" / "layer_ops.cpp"
 @dataclass(frozen=True)
 class LayerOps:
     rms_norm_bf16: Callable
+    add_rms_norm_bf16: Callable
     silu_mul_bf16: Callable
     qkv_rope: Callable
 
@@ -45,7 +47,7 @@ def load_layer_ops() -> LayerOps | None:
         import torch
 
         ops = torch.ops.headwise_layer
-        return LayerOps(ops.rms_norm_bf16, ops.silu_mul_bf16, ops.qkv_rope)
+        return LayerOps(ops.rms_norm_bf16, ops.add_rms_norm_bf16, ops.silu_mul_bf16, ops.qkv_rope)
     logger.warning("headwise: the fused CPU layer ops are unavailable (%s); the quantized path runs them as torch ops",
                    reason)
     return None

@@ -150,10 +150,12 @@ class LlamaModel:
         cfg = self.cfg
         h, d = cfg.num_heads, cfg.head_dim
         cos, sin = self.cos[positions], self.sin[positions]          # [T, D]
-        x = self.embed(input_ids)                                    # [T, C]
+        x = self.embed(input_ids)                                    # [T, C] the residual stream
+        normed = self._norm(x, self.layers[0].input_norm)            # [T, C]
         telemetry = []
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, cos, sin, bd)              # [T, H, D], [T, KVH, D], [T, KVH, D]
+            q, k, v = self._qkv(layer, normed, cos, sin, bd)         # [T, H, D], [T, KVH, D], [T, KVH, D]
             if timer is not None:
                 timer.start()
             attn, st = attention.forward(i, q, k, v, plan)           # [T, H, D], [R, H, 4]
@@ -161,8 +163,12 @@ class LlamaModel:
                 timer.stop()
             if st is not None:
                 telemetry.append(st)
-            x = x + layer.o_proj(attn.reshape(-1, h * d), bd)        # [T, C]
-            x = x + self._mlp(layer, x, bd)                          # [T, C]
+            x, normed = self._add_norm(x, layer.o_proj(attn.reshape(-1, h * d), bd), layer.post_attention_norm)
+            y = self._mlp(layer, normed, bd)                         # [T, C]
+            if i < last:
+                x, normed = self._add_norm(x, y, self.layers[i + 1].input_norm)  # [T, C], [T, C]
+            else:
+                x = x + y                                            # [T, C]
         logits = self.lm_head(self._norm(x[sample_rows], self.norm), sd)  # [S, V]
         return ForwardOutput(logits=logits, telemetry=torch.stack(telemetry) if telemetry else None,  # [L, R, H, 4]
                              attention_times=timer.seconds() if timer is not None else None)
@@ -173,11 +179,20 @@ class LlamaModel:
             return self.layer_ops.rms_norm_bf16(x, weight, self.cfg.rms_norm_eps)  # [T, C] bf16
         return rms_norm(x, weight, self.cfg.rms_norm_eps)                         # [T, C]
 
-    def _qkv(self, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def _add_norm(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual x [T, C] plus a sublayer's output y [T, C], and its RMSNorm: one fused op
+        on the quantized path (x updated in place, the sum in float32 as torch's add), else
+        torch ops."""
+        if self.layer_ops is not None:
+            return x, self.layer_ops.add_rms_norm_bf16(x, y, weight, self.cfg.rms_norm_eps)  # [T, C], [T, C] bf16
+        x = x + y                                                    # [T, C]
+        return x, rms_norm(x, weight, self.cfg.rms_norm_eps)         # [T, C], [T, C]
+
+    def _qkv(self, layer: DecoderLayer, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
              bd: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Norm, q/k/v projection and RoPE of the residual x [T, C] -> q [T, H, D], k, v [T, KVH, D]."""
+        """q/k/v projection and RoPE of the normed residual [T, C] -> q [T, H, D], k, v [T, KVH, D]."""
         h, kvh, d = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
-        qkv = layer.qkv(self._norm(x, layer.input_norm), bd)         # [T, (H + 2 KVH) D]
+        qkv = layer.qkv(normed, bd)                                  # [T, (H + 2 KVH) D]
         if self.layer_ops is not None:
             return self.layer_ops.qkv_rope(qkv, cos, sin, h, kvh)
         qk, v = qkv.split([(h + kvh) * d, kvh * d], dim=-1)          # [T, (H + KVH) D], [T, KVH D]
@@ -185,9 +200,9 @@ class LlamaModel:
         q, k = qk.split([h, kvh], dim=1)                             # [T, H, D], [T, KVH, D]
         return q, k, v.reshape(-1, kvh, d)
 
-    def _mlp(self, layer: DecoderLayer, x: torch.Tensor, bd: int | None) -> torch.Tensor:
-        """Norm and SwiGLU of the residual x [T, C] -> [T, C]."""
-        gate_up = layer.gate_up(self._norm(x, layer.post_attention_norm), bd)  # [T, 2 I]
+    def _mlp(self, layer: DecoderLayer, normed: torch.Tensor, bd: int | None) -> torch.Tensor:
+        """SwiGLU of the normed residual [T, C] -> [T, C]."""
+        gate_up = layer.gate_up(normed, bd)                          # [T, 2 I]
         if self.layer_ops is not None:
             return layer.down(self.layer_ops.silu_mul_bf16(gate_up), bd)      # [T, C]
         gate, up = gate_up.chunk(2, dim=-1)                          # [T, I] x2

@@ -2,6 +2,8 @@
 //
 // Each replaces a chain of small torch ops whose cost at decode is dispatch, not arithmetic:
 //   rms_norm_bf16(x, w, eps)        F.rms_norm(x, w, eps).to(bfloat16)          x [T, C] float32
+//   add_rms_norm_bf16(x, y, w, eps) x += y (in place), then rms_norm_bf16(x, w, eps): the residual
+//                                   add of a sublayer fused with the next norm
 //   silu_mul_bf16(gate_up)          (F.silu(g) * u).to(bfloat16), g, u = halves   [T, 2I] bf16/f32
 //   qkv_rope(qkv, cos, sin, H, KVH) float32 q, k rotated (rotate-half RoPE) and v from qkv [T, (H + 2KVH) D]
 // All math in float32; bfloat16 outputs are rounded to nearest even (c10::BFloat16).
@@ -67,25 +69,38 @@ inline float sum_squares(const float* x, int64_t C) {
   return ss;
 }
 
-at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& w, double eps) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: float32 [T, C] contiguous");
+// The normalized row t of x [T, C] into out (bfloat16); y, when given, is added into the row first.
+at::Tensor norm_rows(float* xp, const float* yp, const at::Tensor& x, const at::Tensor& w, double eps) {
   TORCH_CHECK(w.dim() == 1 && w.scalar_type() == at::kFloat && w.size(0) == x.size(1) && w.is_contiguous(),
               "w: float32 [C]");
   const int64_t T = x.size(0), C = x.size(1);
   at::Tensor out = at::empty({T, C}, x.options().dtype(at::kBFloat16));
-  const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
   const float e = static_cast<float>(eps);
   over_rows(T, C, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const float* row = xp + t * C;
+      float* row = xp + t * C;
+      if (yp != nullptr)
+        for (int64_t c = 0; c < C; ++c) row[c] += yp[t * C + c];
       const float r = 1.f / std::sqrt(sum_squares(row, C) / static_cast<float>(C) + e);
       c10::BFloat16* o = op + t * C;
       for (int64_t c = 0; c < C; ++c) o[c] = c10::BFloat16(row[c] * r * wp[c]);
     }
   });
   return out;
+}
+
+at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: float32 [T, C] contiguous");
+  return norm_rows(const_cast<float*>(x.data_ptr<float>()), nullptr, x, w, eps);  // x is only read
+}
+
+at::Tensor add_rms_norm_bf16(at::Tensor x, const at::Tensor& y, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: float32 [T, C] contiguous");
+  TORCH_CHECK(y.sizes() == x.sizes() && y.scalar_type() == at::kFloat && y.is_contiguous(),
+              "y: float32 [T, C] contiguous, the shape of x");
+  return norm_rows(x.data_ptr<float>(), y.data_ptr<float>(), x, w, eps);
 }
 
 // silu(g) * u = g * sigmoid(g) * u, sigmoid from e = exp(-|g|) <= 1 (never overflows).
@@ -175,12 +190,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(const at::Tensor& qkv, c
 
 TORCH_LIBRARY(headwise_layer, m) {
   m.def("rms_norm_bf16(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("add_rms_norm_bf16(Tensor(a!) x, Tensor y, Tensor w, float eps) -> Tensor");
   m.def("silu_mul_bf16(Tensor gate_up) -> Tensor");
   m.def("qkv_rope(Tensor qkv, Tensor cos, Tensor sin, int H, int KVH) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(headwise_layer, CPU, m) {
   m.impl("rms_norm_bf16", &rms_norm_bf16);
+  m.impl("add_rms_norm_bf16", &add_rms_norm_bf16);
   m.impl("silu_mul_bf16", &silu_mul_bf16);
   m.impl("qkv_rope", &qkv_rope);
 }
