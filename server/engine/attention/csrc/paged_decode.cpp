@@ -106,6 +106,23 @@ inline void stat_sums(const float* s, const float* e, float m, int64_t n, int64_
   float t_acc[LANES] = {0.0f};
   float p_acc[LANES] = {0.0f};
   int64_t j = 0;
+#if defined(__AVX512F__)
+  // the same 16 lanes, 16 keys a step, the last step masked (its missing keys add 0); positions
+  // k0 + j + u are exact in float32 below 2^24
+  __m512 t = _mm512_setzero_ps(), p = _mm512_setzero_ps();
+  __m512 pos = _mm512_add_ps(_mm512_set1_ps(static_cast<float>(k0)),
+                             _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
+  const __m512 mv = _mm512_set1_ps(m), step = _mm512_set1_ps(static_cast<float>(LANES));
+  for (; j < n; j += LANES) {
+    const __mmask16 k = n - j >= LANES ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1u);
+    const __m512 ej = _mm512_maskz_loadu_ps(k, e + j);
+    t = _mm512_fmadd_ps(ej, _mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), mv), t);
+    p = _mm512_fmadd_ps(ej, pos, p);
+    pos = _mm512_add_ps(pos, step);
+  }
+  _mm512_storeu_ps(t_acc, t);
+  _mm512_storeu_ps(p_acc, p);
+#else
   for (; j + LANES <= n; j += LANES)
     for (int64_t u = 0; u < LANES; ++u) {
       const float ej = e[j + u];
@@ -116,6 +133,7 @@ inline void stat_sums(const float* s, const float* e, float m, int64_t n, int64_
     t_acc[u] += e[j] * (s[j] - m);
     p_acc[u] += e[j] * static_cast<float>(k0 + j);
   }
+#endif
   float sink = 0.0f;
   for (int64_t k = 0; k < std::min(n, sink_tokens - k0); ++k) sink += e[k];
   out3[0] = reduce_lanes(t_acc);
