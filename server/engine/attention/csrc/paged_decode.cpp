@@ -45,6 +45,7 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -241,27 +242,37 @@ void weighted_values(const float* e, const T* vc, const int32_t* table, int64_t 
 // argument, 1 .. 8): each key and value vector is loaded and widened once for all G heads instead
 // of once per head. Every (head, key) dot product and (head, d) value sum runs in the same order
 // as in scores / weighted_values above, so results are bit-identical to them.
-template <int64_t G, typename T>
+template <int64_t G, int64_t DV, typename T>
 void scores_gqa(const float* q_row, const T* kc, const int32_t* table, int64_t n, int64_t g0, int64_t g1,
                 const Shapes& sh, float scale, float* s) {
-  const int64_t D = sh.D;
+  // DV > 0: D = 16 DV known at compile time, the G heads' query vectors held in registers across
+  // the keys (G DV <= 16); DV = 0: any D % 16 == 0, queries read from memory. Same sums either way.
+  const int64_t D = DV > 0 ? 16 * DV : sh.D;
   const T* rows[CHUNK];
   __m512 part[G][CHUNK];
+  __m512 qv[G][DV > 0 ? DV : 1];
   for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
     const int64_t c = std::min(CHUNK, n - j0);
     tile_rows(kc, table, j0, c, 0, sh, rows);
     for (int64_t g = g0; g < g1; ++g) {
       const float* qg = q_row + g * G * D;
+      if constexpr (DV > 0)
+        for (int64_t i = 0; i < G; ++i)
+          for (int64_t x = 0; x < DV; ++x) qv[i][x] = _mm512_loadu_ps(qg + i * D + 16 * x);
+      auto query = [&](int64_t i, int64_t d) {
+        if constexpr (DV > 0) return qv[i][d / 16];
+        else return _mm512_loadu_ps(qg + i * D + d);
+      };
       for (int64_t u = 0; u < CHUNK; ++u)
         for (int64_t i = 0; i < G; ++i) part[i][u] = _mm512_setzero_ps();
       for (int64_t u = 0; u < c; ++u) {
         const T* kj = rows[u] + g * D;
         __m512 acc[G];
         const __m512 k0v = load16(kj);
-        for (int64_t i = 0; i < G; ++i) acc[i] = _mm512_mul_ps(_mm512_loadu_ps(qg + i * D), k0v);
+        for (int64_t i = 0; i < G; ++i) acc[i] = _mm512_mul_ps(query(i, 0), k0v);
         for (int64_t d = 16; d < D; d += 16) {
           const __m512 kv = load16(kj + d);
-          for (int64_t i = 0; i < G; ++i) acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(qg + i * D + d), kv, acc[i]);
+          for (int64_t i = 0; i < G; ++i) acc[i] = _mm512_fmadd_ps(query(i, d), kv, acc[i]);
         }
         for (int64_t i = 0; i < G; ++i) part[i][u] = acc[i];
       }
@@ -271,6 +282,16 @@ void scores_gqa(const float* q_row, const T* kc, const int32_t* table, int64_t n
       }
     }
   }
+}
+
+template <int64_t G, typename T>
+void scores_of_heads(const float* q_row, const T* kc, const int32_t* table, int64_t n, int64_t g0, int64_t g1,
+                     const Shapes& sh, float scale, float* s) {
+  if constexpr (G <= 4) {
+    if (sh.D == 64) return scores_gqa<G, 4>(q_row, kc, table, n, g0, g1, sh, scale, s);
+  }
+  if (sh.D == 32) return scores_gqa<G, 2>(q_row, kc, table, n, g0, g1, sh, scale, s);
+  scores_gqa<G, 0>(q_row, kc, table, n, g0, g1, sh, scale, s);
 }
 
 template <int64_t G, typename T>
@@ -306,19 +327,82 @@ void weighted_values_gqa(const float* e, const T* vc, const int32_t* table, int6
   }
 }
 
+// weighted_values_gqa for a bfloat16 cache with D % 32 == 0: each 64-byte load of 32 values is
+// widened by one shift (the even elements, the low halves of its 32-bit lanes) and one mask (the
+// odd ones) instead of two widening loads of 16, so the scratch o holds each 32-value chunk as
+// its 16 even then its 16 odd dimensions while keys accumulate; every (head, d) still sums its
+// e_j v_j[d] in key order, and o is put back in order at the end: bit-identical results.
+template <int64_t G, int64_t WC>
+void weighted_values_gqa_bf16(const float* e, const c10::BFloat16* vc, const int32_t* table, int64_t n, int64_t g0,
+                              int64_t g1, const Shapes& sh, float* o) {
+  const int64_t D = sh.D, nh = (g1 - g0) * G;
+  const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  const c10::BFloat16* rows[CHUNK];
+  std::fill(o, o + nh * D, 0.0f);
+  for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
+    const int64_t c = std::min(CHUNK, n - j0);
+    tile_rows(vc, table, j0, c, 0, sh, rows);
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t lh0 = (g - g0) * G;
+      for (int64_t d = 0; d < D; d += 32 * WC) {
+        __m512 acc[G][WC][2];
+        for (int64_t i = 0; i < G; ++i)
+          for (int64_t x = 0; x < WC; ++x)
+            for (int64_t h = 0; h < 2; ++h) acc[i][x][h] = _mm512_loadu_ps(o + (lh0 + i) * D + d + 32 * x + 16 * h);
+        for (int64_t u = 0; u < c; ++u) {
+          const c10::BFloat16* vj = rows[u] + g * D + d;
+          __m512 half[WC][2];
+          for (int64_t x = 0; x < WC; ++x) {
+            const __m512i raw = _mm512_loadu_si512(vj + 32 * x);
+            half[x][0] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+            half[x][1] = _mm512_castsi512_ps(_mm512_and_si512(raw, high));
+          }
+          for (int64_t i = 0; i < G; ++i) {
+            const __m512 wu = _mm512_set1_ps(e[(lh0 + i) * n + j0 + u]);
+            for (int64_t x = 0; x < WC; ++x)
+              for (int64_t h = 0; h < 2; ++h) acc[i][x][h] = _mm512_fmadd_ps(wu, half[x][h], acc[i][x][h]);
+          }
+        }
+        for (int64_t i = 0; i < G; ++i)
+          for (int64_t x = 0; x < WC; ++x)
+            for (int64_t h = 0; h < 2; ++h) _mm512_storeu_ps(o + (lh0 + i) * D + d + 32 * x + 16 * h, acc[i][x][h]);
+      }
+    }
+  }
+  const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  for (int64_t lh = 0; lh < nh; ++lh)
+    for (int64_t d = 0; d < D; d += 32) {  // even / odd halves back into dimension order
+      float* p = o + lh * D + d;
+      const __m512 even = _mm512_loadu_ps(p), odd = _mm512_loadu_ps(p + 16);
+      _mm512_storeu_ps(p, _mm512_permutex2var_ps(even, first, odd));
+      _mm512_storeu_ps(p + 16, _mm512_permutex2var_ps(even, second, odd));
+    }
+}
+
+template <int64_t G, typename T>
+void values_gqa(const float* e, const T* vc, const int32_t* table, int64_t n, int64_t g0, int64_t g1,
+                const Shapes& sh, float* o) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (sh.D % 64 == 0 && G <= 4) return weighted_values_gqa_bf16<G, 2>(e, vc, table, n, g0, g1, sh, o);
+    if (sh.D % 32 == 0) return weighted_values_gqa_bf16<G, 1>(e, vc, table, n, g0, g1, sh, o);
+  }
+  weighted_values_gqa<G>(e, vc, table, n, g0, g1, sh, o);
+}
+
 // scores + weighted_values through the G-specialised loops when G is 1 .. 8; false otherwise.
 template <typename T>
 bool gqa_scores(int64_t G, const float* q_row, const T* kc, const int32_t* table, int64_t n, int64_t g0,
                 int64_t g1, const Shapes& sh, float scale, float* s) {
   switch (G) {
-    case 1: scores_gqa<1>(q_row, kc, table, n, g0, g1, sh, scale, s); return true;
-    case 2: scores_gqa<2>(q_row, kc, table, n, g0, g1, sh, scale, s); return true;
-    case 3: scores_gqa<3>(q_row, kc, table, n, g0, g1, sh, scale, s); return true;
-    case 4: scores_gqa<4>(q_row, kc, table, n, g0, g1, sh, scale, s); return true;
-    case 5: scores_gqa<5>(q_row, kc, table, n, g0, g1, sh, scale, s); return true;
-    case 6: scores_gqa<6>(q_row, kc, table, n, g0, g1, sh, scale, s); return true;
-    case 7: scores_gqa<7>(q_row, kc, table, n, g0, g1, sh, scale, s); return true;
-    case 8: scores_gqa<8>(q_row, kc, table, n, g0, g1, sh, scale, s); return true;
+    case 1: scores_of_heads<1>(q_row, kc, table, n, g0, g1, sh, scale, s); return true;
+    case 2: scores_of_heads<2>(q_row, kc, table, n, g0, g1, sh, scale, s); return true;
+    case 3: scores_of_heads<3>(q_row, kc, table, n, g0, g1, sh, scale, s); return true;
+    case 4: scores_of_heads<4>(q_row, kc, table, n, g0, g1, sh, scale, s); return true;
+    case 5: scores_of_heads<5>(q_row, kc, table, n, g0, g1, sh, scale, s); return true;
+    case 6: scores_of_heads<6>(q_row, kc, table, n, g0, g1, sh, scale, s); return true;
+    case 7: scores_of_heads<7>(q_row, kc, table, n, g0, g1, sh, scale, s); return true;
+    case 8: scores_of_heads<8>(q_row, kc, table, n, g0, g1, sh, scale, s); return true;
     default: return false;
   }
 }
@@ -327,14 +411,14 @@ template <typename T>
 bool gqa_values(int64_t G, const float* e, const T* vc, const int32_t* table, int64_t n, int64_t g0, int64_t g1,
                 const Shapes& sh, float* o) {
   switch (G) {
-    case 1: weighted_values_gqa<1>(e, vc, table, n, g0, g1, sh, o); return true;
-    case 2: weighted_values_gqa<2>(e, vc, table, n, g0, g1, sh, o); return true;
-    case 3: weighted_values_gqa<3>(e, vc, table, n, g0, g1, sh, o); return true;
-    case 4: weighted_values_gqa<4>(e, vc, table, n, g0, g1, sh, o); return true;
-    case 5: weighted_values_gqa<5>(e, vc, table, n, g0, g1, sh, o); return true;
-    case 6: weighted_values_gqa<6>(e, vc, table, n, g0, g1, sh, o); return true;
-    case 7: weighted_values_gqa<7>(e, vc, table, n, g0, g1, sh, o); return true;
-    case 8: weighted_values_gqa<8>(e, vc, table, n, g0, g1, sh, o); return true;
+    case 1: values_gqa<1>(e, vc, table, n, g0, g1, sh, o); return true;
+    case 2: values_gqa<2>(e, vc, table, n, g0, g1, sh, o); return true;
+    case 3: values_gqa<3>(e, vc, table, n, g0, g1, sh, o); return true;
+    case 4: values_gqa<4>(e, vc, table, n, g0, g1, sh, o); return true;
+    case 5: values_gqa<5>(e, vc, table, n, g0, g1, sh, o); return true;
+    case 6: values_gqa<6>(e, vc, table, n, g0, g1, sh, o); return true;
+    case 7: values_gqa<7>(e, vc, table, n, g0, g1, sh, o); return true;
+    case 8: values_gqa<8>(e, vc, table, n, g0, g1, sh, o); return true;
     default: return false;
   }
 }
