@@ -10,8 +10,9 @@ forward returns out [T, H, D] and, on steps that compute telemetry, the accumula
 The output must not depend on whether telemetry is computed. Adding a backend is one new file
 plus one line in BACKENDS.
 
-Backends, in the order "auto" tries them: "cpu" (cpu_paged.py: decode rows through a C++ op over
-the paged cache, CPU only, where the extension builds; otherwise auto warns once and moves on),
+Backends, in the order "auto" tries them: "cpu" (cpu_paged.py: decode rows and prefill chunks
+through C++ ops over the paged cache, CPU only, where the extension builds; otherwise auto warns
+once and moves on),
 "triton" (triton_paged.py: decode rows through Triton kernels; CUDA wherever triton imports; on a
 CPU only when named explicitly under TRITON_INTERPRET=1, for tests), "torch" (torch_ref.py: the
 reference, any device). supports(device) says whether a backend can run there when named;
