@@ -45,7 +45,7 @@ class Extension:
 
 
 HEADERS = [Path(__file__).parent.parent / "csrc" / "exp_nonpositive.h",
-           Path(__file__).parent / "csrc" / "cache_elements.h"]  # included by the sources
+           Path(__file__).parent / "csrc" / "paged_cache.h"]  # included by the sources
 
 
 def library_name(prefix: str, sources: list[Path], flags: list[str]) -> str:

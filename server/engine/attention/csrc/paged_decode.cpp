@@ -35,7 +35,7 @@
 #include <torch/library.h>
 
 #include "../../csrc/exp_nonpositive.h"
-#include "cache_elements.h"
+#include "paged_cache.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -55,6 +55,7 @@ using headwise::to_float;
 #if defined(__AVX512F__)
 using headwise::exp_nonpositive16;
 using headwise::load16;
+using headwise::load32;
 #endif
 
 constexpr int64_t LANES = 16;
@@ -294,50 +295,18 @@ void scores_of_heads(const float* q_row, const T* kc, const int32_t* table, int6
   scores_gqa<G, 0>(q_row, kc, table, n, g0, g1, sh, scale, s);
 }
 
-template <int64_t G, typename T>
+// o[lh, :] = sum_j e[lh, j] v_j for the query heads of KV heads g0 .. g1 - 1, the G heads of a KV
+// head together (each value vector loaded and widened once for all of them), D % 32 == 0, WC
+// chunks of 32 dimensions per pass (G x WC x 2 accumulators in registers). Every (head, d) sums its
+// e_j v_j[d] in key order, as weighted_values does: bit-identical results. A chunk comes in as two
+// vectors (load32): a float32 cache's two halves, or a bfloat16 cache's 16 even and 16 odd
+// elements (one shift, one mask for 32 values); for the latter the scratch o holds each chunk as
+// its even then its odd dimensions while keys accumulate and is put back in order at the end.
+template <int64_t G, int64_t WC, typename T>
 void weighted_values_gqa(const float* e, const T* vc, const int32_t* table, int64_t n, int64_t g0, int64_t g1,
                          const Shapes& sh, float* o) {
-  const int64_t D = sh.D;
-  constexpr int64_t W = G <= 4 ? 4 : 2;  // value vectors per pass: G x W accumulators stay in registers
-  const T* rows[CHUNK];
-  std::fill(o, o + (g1 - g0) * G * D, 0.0f);
-  for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
-    const int64_t c = std::min(CHUNK, n - j0);
-    tile_rows(vc, table, j0, c, 0, sh, rows);
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t lh0 = (g - g0) * G;
-      for (int64_t d = 0; d < D; d += 16 * W) {
-        const int64_t w = std::min<int64_t>(W, (D - d) / 16);
-        __m512 acc[G][W];
-        for (int64_t i = 0; i < G; ++i)
-          for (int64_t x = 0; x < w; ++x) acc[i][x] = _mm512_loadu_ps(o + (lh0 + i) * D + d + 16 * x);
-        for (int64_t u = 0; u < c; ++u) {
-          const T* vj = rows[u] + g * D + d;
-          __m512 vv[W];
-          for (int64_t x = 0; x < w; ++x) vv[x] = load16(vj + 16 * x);
-          for (int64_t i = 0; i < G; ++i) {
-            const __m512 wu = _mm512_set1_ps(e[(lh0 + i) * n + j0 + u]);
-            for (int64_t x = 0; x < w; ++x) acc[i][x] = _mm512_fmadd_ps(wu, vv[x], acc[i][x]);
-          }
-        }
-        for (int64_t i = 0; i < G; ++i)
-          for (int64_t x = 0; x < w; ++x) _mm512_storeu_ps(o + (lh0 + i) * D + d + 16 * x, acc[i][x]);
-      }
-    }
-  }
-}
-
-// weighted_values_gqa for a bfloat16 cache with D % 32 == 0: each 64-byte load of 32 values is
-// widened by one shift (the even elements, the low halves of its 32-bit lanes) and one mask (the
-// odd ones) instead of two widening loads of 16, so the scratch o holds each 32-value chunk as
-// its 16 even then its 16 odd dimensions while keys accumulate; every (head, d) still sums its
-// e_j v_j[d] in key order, and o is put back in order at the end: bit-identical results.
-template <int64_t G, int64_t WC>
-void weighted_values_gqa_bf16(const float* e, const c10::BFloat16* vc, const int32_t* table, int64_t n, int64_t g0,
-                              int64_t g1, const Shapes& sh, float* o) {
   const int64_t D = sh.D, nh = (g1 - g0) * G;
-  const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
-  const c10::BFloat16* rows[CHUNK];
+  const T* rows[CHUNK];
   std::fill(o, o + nh * D, 0.0f);
   for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
     const int64_t c = std::min(CHUNK, n - j0);
@@ -350,13 +319,9 @@ void weighted_values_gqa_bf16(const float* e, const c10::BFloat16* vc, const int
           for (int64_t x = 0; x < WC; ++x)
             for (int64_t h = 0; h < 2; ++h) acc[i][x][h] = _mm512_loadu_ps(o + (lh0 + i) * D + d + 32 * x + 16 * h);
         for (int64_t u = 0; u < c; ++u) {
-          const c10::BFloat16* vj = rows[u] + g * D + d;
+          const T* vj = rows[u] + g * D + d;
           __m512 half[WC][2];
-          for (int64_t x = 0; x < WC; ++x) {
-            const __m512i raw = _mm512_loadu_si512(vj + 32 * x);
-            half[x][0] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
-            half[x][1] = _mm512_castsi512_ps(_mm512_and_si512(raw, high));
-          }
+          for (int64_t x = 0; x < WC; ++x) load32(vj + 32 * x, half[x][0], half[x][1]);
           for (int64_t i = 0; i < G; ++i) {
             const __m512 wu = _mm512_set1_ps(e[(lh0 + i) * n + j0 + u]);
             for (int64_t x = 0; x < WC; ++x)
@@ -369,25 +334,28 @@ void weighted_values_gqa_bf16(const float* e, const c10::BFloat16* vc, const int
       }
     }
   }
-  const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-  for (int64_t lh = 0; lh < nh; ++lh)
-    for (int64_t d = 0; d < D; d += 32) {  // even / odd halves back into dimension order
-      float* p = o + lh * D + d;
-      const __m512 even = _mm512_loadu_ps(p), odd = _mm512_loadu_ps(p + 16);
-      _mm512_storeu_ps(p, _mm512_permutex2var_ps(even, first, odd));
-      _mm512_storeu_ps(p + 16, _mm512_permutex2var_ps(even, second, odd));
-    }
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    for (int64_t lh = 0; lh < nh; ++lh)
+      for (int64_t d = 0; d < D; d += 32) {  // even / odd halves back into dimension order
+        float* p = o + lh * D + d;
+        const __m512 even = _mm512_loadu_ps(p), odd = _mm512_loadu_ps(p + 16);
+        _mm512_storeu_ps(p, _mm512_permutex2var_ps(even, first, odd));
+        _mm512_storeu_ps(p + 16, _mm512_permutex2var_ps(even, second, odd));
+      }
+  }
 }
 
+// weighted_values_gqa with the widest pass that fits; false (the caller takes the generic
+// weighted_values) when D % 32 != 0.
 template <int64_t G, typename T>
-void values_gqa(const float* e, const T* vc, const int32_t* table, int64_t n, int64_t g0, int64_t g1,
+bool values_gqa(const float* e, const T* vc, const int32_t* table, int64_t n, int64_t g0, int64_t g1,
                 const Shapes& sh, float* o) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (sh.D % 64 == 0 && G <= 4) return weighted_values_gqa_bf16<G, 2>(e, vc, table, n, g0, g1, sh, o);
-    if (sh.D % 32 == 0) return weighted_values_gqa_bf16<G, 1>(e, vc, table, n, g0, g1, sh, o);
-  }
-  weighted_values_gqa<G>(e, vc, table, n, g0, g1, sh, o);
+  if (sh.D % 32 != 0) return false;
+  if (G <= 4 && sh.D % 64 == 0) weighted_values_gqa<G, 2>(e, vc, table, n, g0, g1, sh, o);
+  else weighted_values_gqa<G, 1>(e, vc, table, n, g0, g1, sh, o);
+  return true;
 }
 
 // scores + weighted_values through the G-specialised loops when G is 1 .. 8; false otherwise.
@@ -411,14 +379,14 @@ template <typename T>
 bool gqa_values(int64_t G, const float* e, const T* vc, const int32_t* table, int64_t n, int64_t g0, int64_t g1,
                 const Shapes& sh, float* o) {
   switch (G) {
-    case 1: values_gqa<1>(e, vc, table, n, g0, g1, sh, o); return true;
-    case 2: values_gqa<2>(e, vc, table, n, g0, g1, sh, o); return true;
-    case 3: values_gqa<3>(e, vc, table, n, g0, g1, sh, o); return true;
-    case 4: values_gqa<4>(e, vc, table, n, g0, g1, sh, o); return true;
-    case 5: values_gqa<5>(e, vc, table, n, g0, g1, sh, o); return true;
-    case 6: values_gqa<6>(e, vc, table, n, g0, g1, sh, o); return true;
-    case 7: values_gqa<7>(e, vc, table, n, g0, g1, sh, o); return true;
-    case 8: values_gqa<8>(e, vc, table, n, g0, g1, sh, o); return true;
+    case 1: return values_gqa<1>(e, vc, table, n, g0, g1, sh, o);
+    case 2: return values_gqa<2>(e, vc, table, n, g0, g1, sh, o);
+    case 3: return values_gqa<3>(e, vc, table, n, g0, g1, sh, o);
+    case 4: return values_gqa<4>(e, vc, table, n, g0, g1, sh, o);
+    case 5: return values_gqa<5>(e, vc, table, n, g0, g1, sh, o);
+    case 6: return values_gqa<6>(e, vc, table, n, g0, g1, sh, o);
+    case 7: return values_gqa<7>(e, vc, table, n, g0, g1, sh, o);
+    case 8: return values_gqa<8>(e, vc, table, n, g0, g1, sh, o);
     default: return false;
   }
 }
@@ -569,14 +537,7 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(const at::Tensor& q, const at::T
                                                 const at::Tensor& v_cache, const at::Tensor& block_table,
                                                 const at::Tensor& seq_lens, double scale, bool compute_stats,
                                                 int64_t sink_tokens) {
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous() && q.device().is_cpu(),
-              "paged_decode: q must be a contiguous float32 CPU tensor [Bd, H, D]");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
-              "paged_decode: k_cache and v_cache must both be [NB, block_size, KVH, D]");
-  TORCH_CHECK((k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16) &&
-                  v_cache.scalar_type() == k_cache.scalar_type() && k_cache.is_contiguous() &&
-                  v_cache.is_contiguous() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
-              "paged_decode: k_cache and v_cache must be contiguous CPU tensors, both float32 or both bfloat16");
+  headwise::check_query_and_cache("paged_decode", q, k_cache, v_cache);
   TORCH_CHECK(block_table.dim() == 2 && block_table.scalar_type() == at::kInt && block_table.stride(1) == 1 &&
                   block_table.device().is_cpu(),
               "paged_decode: block_table must be int32 [Bd, W] with unit column stride");
@@ -585,8 +546,6 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(const at::Tensor& q, const at::T
               "paged_decode: seq_lens must be a contiguous int32 [Bd]");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t NB = k_cache.size(0), bs = k_cache.size(1), KVH = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == D, "paged_decode: head_dim of q and the cache differ");
-  TORCH_CHECK(KVH > 0 && H % KVH == 0, "paged_decode: H must be a multiple of KVH");
   TORCH_CHECK(block_table.size(0) == B && seq_lens.size(0) == B, "paged_decode: batch sizes differ");
   TORCH_CHECK(sink_tokens >= 0, "paged_decode: sink_tokens must be >= 0");
   const Shapes sh{H, KVH, H / KVH, D, bs, NB, block_table.size(1), block_table.stride(0), KVH * D};

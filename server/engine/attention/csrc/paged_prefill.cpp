@@ -29,7 +29,7 @@
 #include <torch/library.h>
 
 #include "../../csrc/exp_nonpositive.h"
-#include "cache_elements.h"
+#include "paged_cache.h"
 
 #include <algorithm>
 #include <cfloat>
@@ -260,21 +260,12 @@ void rows_portable(const float* q, const T* kc, const T* vc, const int32_t* tabl
 
 at::Tensor paged_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                          const at::Tensor& block_table, int64_t start, double scale) {
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous() && q.device().is_cpu(),
-              "paged_prefill: q must be a contiguous float32 CPU tensor [n, H, D]");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
-              "paged_prefill: k_cache and v_cache must both be [NB, block_size, KVH, D]");
-  TORCH_CHECK((k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16) &&
-                  v_cache.scalar_type() == k_cache.scalar_type() && k_cache.is_contiguous() &&
-                  v_cache.is_contiguous() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
-              "paged_prefill: k_cache and v_cache must be contiguous CPU tensors, both float32 or both bfloat16");
+  headwise::check_query_and_cache("paged_prefill", q, k_cache, v_cache);
   TORCH_CHECK(block_table.dim() == 1 && block_table.scalar_type() == at::kInt && block_table.is_contiguous() &&
                   block_table.device().is_cpu(),
               "paged_prefill: block_table must be a contiguous int32 [W]");
   const int64_t n = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t NB = k_cache.size(0), bs = k_cache.size(1), KVH = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == D, "paged_prefill: head_dim of q and the cache differ");
-  TORCH_CHECK(KVH > 0 && H % KVH == 0, "paged_prefill: H must be a multiple of KVH");
   TORCH_CHECK(start >= 0, "paged_prefill: start must be >= 0");
   const int64_t keys = start + n;  // the last row's keys
   TORCH_CHECK(keys <= block_table.size(0) * bs, "paged_prefill: start + n = ", keys,
