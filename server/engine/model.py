@@ -163,7 +163,8 @@ class LlamaModel:
                 timer.stop()
             if st is not None:
                 telemetry.append(st)
-            x, normed = self._add_norm(x, layer.o_proj(attn.reshape(-1, h * d), bd), layer.post_attention_norm)
+            y = layer.o_proj(attn.reshape(-1, h * d), bd, keep_bf16=self.layer_ops is not None)  # [T, C]
+            x, normed = self._add_norm(x, y, layer.post_attention_norm)
             y = self._mlp(layer, normed, bd)                         # [T, C]
             if i < last:
                 x, normed = self._add_norm(x, y, self.layers[i + 1].input_norm)  # [T, C], [T, C]
@@ -192,9 +193,10 @@ class LlamaModel:
              bd: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q/k/v projection and RoPE of the normed residual [T, C] -> q [T, H, D], k, v [T, KVH, D]."""
         h, kvh, d = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
-        qkv = layer.qkv(normed, bd)                                  # [T, (H + 2 KVH) D]
-        if self.layer_ops is not None:
+        if self.layer_ops is not None:  # the fused ops take a GEMM's bfloat16 output as it is
+            qkv = layer.qkv(normed, bd, keep_bf16=True)              # [T, (H + 2 KVH) D]
             return self.layer_ops.qkv_rope(qkv, cos, sin, h, kvh)
+        qkv = layer.qkv(normed, bd)                                  # [T, (H + 2 KVH) D]
         qk, v = qkv.split([(h + kvh) * d, kvh * d], dim=-1)          # [T, (H + KVH) D], [T, KVH D]
         qk = apply_rope(qk.view(-1, h + kvh, d), cos, sin)           # [T, H + KVH, D] one rotation for both
         q, k = qk.split([h, kvh], dim=1)                             # [T, H, D], [T, KVH, D]
@@ -202,8 +204,9 @@ class LlamaModel:
 
     def _mlp(self, layer: DecoderLayer, normed: torch.Tensor, bd: int | None) -> torch.Tensor:
         """SwiGLU of the normed residual [T, C] -> [T, C]."""
+        if self.layer_ops is not None:  # bfloat16 GEMM outputs go to the fused ops as they are
+            gate_up = layer.gate_up(normed, bd, keep_bf16=True)      # [T, 2 I]
+            return layer.down(self.layer_ops.silu_mul_bf16(gate_up), bd, keep_bf16=True)  # [T, C]
         gate_up = layer.gate_up(normed, bd)                          # [T, 2 I]
-        if self.layer_ops is not None:
-            return layer.down(self.layer_ops.silu_mul_bf16(gate_up), bd)      # [T, C]
         gate, up = gate_up.chunk(2, dim=-1)                          # [T, I] x2
         return layer.down(F.silu(gate) * up, bd)                     # [T, C]

@@ -72,9 +72,10 @@ def test_the_quantized_path_agrees_with_fp32_over_the_same_weights(engine, quant
     by 0.005 nats (median; 0.05 at p90, 0.1 at most over a 79-token prompt), so a greedy token can
     flip only where fp32's two best are within about twice that; after a flip the continuations
     differ, as any two numerically different runs do. Measured on 2026-11-29 (our quantized
-    kernel over the file's exact values, CPU attention, threaded fused layer ops, bfloat16 KV
-    cache): 4 of the 6 prompts identical over 64 tokens, the others diverging at tokens 16 and 8
-    where fp32's top two differed by 0.005 and 0.018 nats (on torch's int4 / int8 kernels, whose
+    kernel over the file's exact values, CPU attention with bfloat16 dot products for prefill
+    rows, threaded fused layer ops, bfloat16 KV cache): 5 of the 6 prompts identical over 64
+    tokens, the other diverging at token 8 where fp32's top two differed by 0.018 nats (earlier,
+    float32 prefill attention: 4 of 6, divergences at near-ties of 0.005 and 0.018; on torch's int4 / int8 kernels, whose
     scales are rounded to bfloat16: 2 of 6 identical, divergences at near-ties of 0.005-0.139
     nats). Required: every divergence at such a near-tie (under 0.25 nats), and at least 3
     prompts identical."""
@@ -100,11 +101,13 @@ def test_quantized_telemetry_tracks_fp32(engine, quantized):
     to 24, stopping before fp32's first near-tie so that both paths generate the same ones).
     Each path's statistics are exact for the attention it computed (test_request_telemetry_...
     below, and the backend tests against float64); they differ because bfloat16 activations
-    move q and k, and the bfloat16 KV cache rounds k. Measured on 2026-11-29 (max / median over
-    30 x 9 heads, bfloat16 KV cache): entropy 0.021 / 0.0027 nats, normalized entropy 0.0055 /
-    0.0007, max weight 0.0078 / 0.0009, sink mass 0.0091 / 0.0009, look-back distance 0.0074 /
-    0.0008 (float32 KV cache: 0.019, 0.0049, 0.0070, 0.0067, 0.0057 at most). Limits: about twice
-    those."""
+    move q and k, the bfloat16 KV cache rounds k, and prefill rows attend with bfloat16 dot
+    products. Measured on 2026-11-29 (max / median over 30 x 9 heads, bfloat16 KV cache, 14
+    tokens): entropy 0.015 / 0.0024 nats, normalized entropy 0.0041 / 0.0006, max weight 0.0053 /
+    0.0009, sink mass 0.0060 / 0.0009, look-back distance 0.0053 / 0.0007 (before the bfloat16
+    prefill attention: 0.021 / 0.0027, 0.0055 / 0.0007, 0.0078 / 0.0009, 0.0091 / 0.0009, 0.0074
+    / 0.0008; float32 KV cache: 0.019, 0.0049, 0.0070, 0.0067, 0.0057 at most). Limits: about
+    twice those."""
     ids = engine.chat_prompt([{"role": "user", "content": "Name three famous painters."}])
     # both paths must attend over the same tokens: stop before fp32's first near-tie (top two
     # within 0.05 nats), where a greedy token may flip (test_the_quantized_path_agrees_...)

@@ -30,17 +30,21 @@ def test_rms_norm_bf16_equals_torch_then_cast(rows):
     assert (got == want).float().mean() > 0.99
 
 
+@pytest.mark.parametrize("y_dtype", [torch.float32, torch.bfloat16])  # bf16: a GEMM's own output
 @pytest.mark.parametrize("rows", [1, 16, 300])  # 300: split over the threads
-def test_add_rms_norm_bf16_is_the_add_then_the_norm(rows):
-    """x += y in place with torch's float32 sums, and the norm of the sum, bit for bit."""
-    x, y = torch.randn(rows, 576) * 3, torch.randn(rows, 576)             # [T, C]
+def test_add_rms_norm_bf16_is_the_add_then_the_norm(rows, y_dtype):
+    """x += y in place with torch's float32 sums (a bfloat16 y widened exactly), and the norm of
+    the sum, bit for bit."""
+    x, y = torch.randn(rows, 576) * 3, torch.randn(rows, 576).to(y_dtype)  # [T, C]
     w = torch.randn(576)                                                   # [C]
-    want_x = x + y                                                         # [T, C]
+    want_x = x + y.float()                                                 # [T, C]
     want = ops.rms_norm_bf16(want_x, w, 1e-5)                              # [T, C] bf16
     got = ops.add_rms_norm_bf16(x, y, w, 1e-5)
     assert torch.equal(x, want_x) and torch.equal(got, want)
     with pytest.raises(RuntimeError, match="y: float32"):
         ops.add_rms_norm_bf16(x, y[:, :8].contiguous(), w, 1e-5)
+    with pytest.raises(RuntimeError, match="y: float32 or bfloat16"):
+        ops.add_rms_norm_bf16(x, y.half(), w, 1e-5)
     with pytest.raises(RuntimeError, match="x: float32"):
         ops.add_rms_norm_bf16(x.double(), y, w, 1e-5)
 

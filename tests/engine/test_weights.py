@@ -8,12 +8,13 @@ import gguf
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from server.config import CacheConfig, EngineConfig
 from server.engine.engine import Engine
 from server.engine.loader import load_model
 from server.engine.request import SamplingParams
-from server.engine.weights import (Embedding, QuantizedTensor, WeightFormatError, WeightSource, make_linear,
+from server.engine.weights import (Bf16Linear, Embedding, QuantizedTensor, WeightFormatError, WeightSource, make_linear,
                                    resolve_format, stack_rows)
 
 CPU = torch.device("cpu")
@@ -99,9 +100,29 @@ def test_decode_rows_take_the_quantized_kernel_and_prefill_rows_the_dense_copy(f
     assert torch.equal(mixed[:3], alone(x[:3])) and torch.equal(mixed[:3], lin(x[:3], 3))
     assert torch.equal(mixed[3:], lin.prefill(x[3:])) and torch.equal(mixed[3:], lin(x[3:], 0))
     assert torch.equal(lin(x), alone(x))                                      # num_decodes None: all rows alike
-    assert torch.equal(lin.prefill.weight, torch.from_numpy(ref).bfloat16())  # the copy holds the file's values
+    assert torch.equal(lin.prefill.dense_weight(), torch.from_numpy(ref).bfloat16())  # the copy holds the file's values
     for i in range(3):                                                        # a decode row never sees its batch
         assert torch.equal(lin(x[i:i + 1], 1), mixed[i:i + 1])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_linear_prepacked_is_f_linear_and_keep_bf16_the_same_values(bias):
+    """The oneDNN-prepacked weight gives F.linear's bits at every row count; keep_bf16 hands out
+    the GEMM's own bfloat16 values (float32 widens them exactly), except with a bias."""
+    w, b = torch.randn(96, 64), (torch.randn(96) if bias else None)          # [out, in], [out]
+    lin = Bf16Linear(w, b)
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert lin.packed is not None and lin.weight is None
+    assert torch.equal(lin.dense_weight(), w.bfloat16())
+    for rows in (1, 7, 64, 300):
+        x = torch.randn(rows, 64)                                             # [T, in]
+        want = F.linear(x.bfloat16(), w.bfloat16()).float()                   # [T, out]
+        want = want if b is None else want + b
+        assert torch.equal(lin(x), want), rows
+        kept = lin(x, keep_bf16=True)                                         # [T, out]
+        assert kept.dtype == (torch.float32 if bias else torch.bfloat16) and torch.equal(kept.float(), want)
+        out = torch.full((rows + 2, 96), float("nan"))[1:-1]                  # rows of a bigger tensor
+        assert torch.equal(lin(x, out=out), want) and torch.equal(out, want)
 
 
 def test_auto_picks_the_files_own_format_and_explicit_formats_are_checked():

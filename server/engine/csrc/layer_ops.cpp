@@ -3,7 +3,8 @@
 // Each replaces a chain of small torch ops whose cost at decode is dispatch, not arithmetic:
 //   rms_norm_bf16(x, w, eps)        F.rms_norm(x, w, eps).to(bfloat16)          x [T, C] float32
 //   add_rms_norm_bf16(x, y, w, eps) x += y (in place), then rms_norm_bf16(x, w, eps): the residual
-//                                   add of a sublayer fused with the next norm
+//                                   add of a sublayer fused with the next norm; y float32 or
+//                                   bfloat16 (a bf16 GEMM's own output, widened here exactly)
 //   silu_mul_bf16(gate_up)          (F.silu(g) * u).to(bfloat16), g, u = halves   [T, 2I] bf16/f32
 //   qkv_rope(qkv, cos, sin, H, KVH) float32 q, k rotated (rotate-half RoPE) and v from qkv [T, (H + 2KVH) D]
 // All math in float32; bfloat16 outputs are rounded to nearest even (c10::BFloat16).
@@ -69,8 +70,13 @@ inline float sum_squares(const float* x, int64_t C) {
   return ss;
 }
 
-// The normalized row t of x [T, C] into out (bfloat16); y, when given, is added into the row first.
-at::Tensor norm_rows(float* xp, const float* yp, const at::Tensor& x, const at::Tensor& w, double eps) {
+inline float as_float(float x) { return x; }
+inline float as_float(c10::BFloat16 x) { return static_cast<float>(x); }
+
+// The normalized row t of x [T, C] into out (bfloat16); y (float32 or bfloat16, widened exactly),
+// when given, is added into the row first.
+template <typename Y>
+at::Tensor norm_rows(float* xp, const Y* yp, const at::Tensor& x, const at::Tensor& w, double eps) {
   TORCH_CHECK(w.dim() == 1 && w.scalar_type() == at::kFloat && w.size(0) == x.size(1) && w.is_contiguous(),
               "w: float32 [C]");
   const int64_t T = x.size(0), C = x.size(1);
@@ -82,7 +88,7 @@ at::Tensor norm_rows(float* xp, const float* yp, const at::Tensor& x, const at::
     for (int64_t t = begin; t < end; ++t) {
       float* row = xp + t * C;
       if (yp != nullptr)
-        for (int64_t c = 0; c < C; ++c) row[c] += yp[t * C + c];
+        for (int64_t c = 0; c < C; ++c) row[c] += as_float(yp[t * C + c]);
       const float r = 1.f / std::sqrt(sum_squares(row, C) / static_cast<float>(C) + e);
       c10::BFloat16* o = op + t * C;
       for (int64_t c = 0; c < C; ++c) o[c] = c10::BFloat16(row[c] * r * wp[c]);
@@ -93,13 +99,15 @@ at::Tensor norm_rows(float* xp, const float* yp, const at::Tensor& x, const at::
 
 at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& w, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: float32 [T, C] contiguous");
-  return norm_rows(const_cast<float*>(x.data_ptr<float>()), nullptr, x, w, eps);  // x is only read
+  return norm_rows<float>(const_cast<float*>(x.data_ptr<float>()), nullptr, x, w, eps);  // x is only read
 }
 
 at::Tensor add_rms_norm_bf16(at::Tensor x, const at::Tensor& y, const at::Tensor& w, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: float32 [T, C] contiguous");
-  TORCH_CHECK(y.sizes() == x.sizes() && y.scalar_type() == at::kFloat && y.is_contiguous(),
-              "y: float32 [T, C] contiguous, the shape of x");
+  TORCH_CHECK(y.sizes() == x.sizes() && (y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16) &&
+                  y.is_contiguous(),
+              "y: float32 or bfloat16 [T, C] contiguous, the shape of x");
+  if (y.scalar_type() == at::kBFloat16) return norm_rows(x.data_ptr<float>(), y.data_ptr<c10::BFloat16>(), x, w, eps);
   return norm_rows(x.data_ptr<float>(), y.data_ptr<float>(), x, w, eps);
 }
 
@@ -109,9 +117,6 @@ inline float silu_mul(float g, float u) {
   const float sig = g >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
   return g * sig * u;
 }
-
-inline float as_float(float x) { return x; }
-inline float as_float(c10::BFloat16 x) { return static_cast<float>(x); }
 
 template <typename T>
 void silu_mul_rows(const T* in, c10::BFloat16* out, int64_t rows, int64_t inter) {

@@ -19,6 +19,7 @@ from server.engine.telemetry import finalize_stats
 from tests.engine.attention.backend_agreement import (assert_acc_close, assert_engine_matches_torch,
                                                       assert_mixed_step_matches_torch, mixed_step)
 from tests.engine.attention.test_torch_ref import reference_row
+from tests.engine.attention.test_paged_prefill import BF16_DOT
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the extension")
 
@@ -176,14 +177,17 @@ def test_bad_inputs_are_refused(op):
 @pytest.mark.parametrize("stats", [[0, 1, 2], [1, 2], [0], [2], None], ids=["all", "some", "decode", "prefill", "off"])
 def test_mixed_step_matches_the_torch_backend(op, stats, cache_dtype):
     """Decode rows and a prefill chunk through the same forward: decode rows within 1e-5 of the
-    reference, prefill rows within 1e-5 (csrc/paged_prefill.cpp), telemetry rows in the asked order, and
-    the output bit-identical with telemetry off."""
+    reference, prefill rows within 1e-5 (csrc/paged_prefill.cpp; with a bfloat16 cache, bfloat16
+    dot products where the CPU has them: q and the softmax weights rounded, 0.004 off here, its
+    exact arithmetic checked in test_paged_prefill.py), telemetry rows in the asked order, and the
+    output bit-identical with telemetry off."""
     def make(cache):
         backend = build_backend("cpu", cache, torch.device("cpu"), sink_tokens=4, max_positions=64)
         assert backend.name == "cpu"
         return backend
 
-    assert_mixed_step_matches_torch(make, stats, cache_dtype=cache_dtype, prefill_tol=1e-5)
+    tol = 2.0**-6 if cache_dtype == torch.bfloat16 and BF16_DOT else 1e-5
+    assert_mixed_step_matches_torch(make, stats, cache_dtype=cache_dtype, prefill_tol=tol)
 
 
 def test_auto_prefers_cpu_on_a_cpu_device(op):
@@ -228,10 +232,14 @@ def test_engine_generates_the_same_tokens_and_telemetry_as_torch(op, tiny_llama_
     prompts = ["The capital of France is", "Hello world! 1 2 3 4 5 6 7 8 9 10. A quick brown fox jumps over",
                "Attention heads look back", "A"]
     assert_engine_matches_torch(tiny_llama_dir, "cpu", prompts, max_tokens=40)
-    # bfloat16 cache: both backends read the same values, but the float32 rounding differences of
-    # their kernels (~1e-7) now and then push a new key across a bfloat16 rounding boundary (a
-    # 2^-9 relative step) when it is written; measured 2.2e-5 at most on entropy over 40 tokens
-    assert_engine_matches_torch(tiny_llama_dir, "cpu", prompts, max_tokens=40, kv_cache_dtype="bfloat16", tol=1e-4)
+    # bfloat16 cache: the prefill rows' attention takes bfloat16 dot products (q and the softmax
+    # weights rounded, csrc/paged_prefill.cpp) where the reference computes in float32, so the
+    # K / V that later layers write move by bfloat16 steps; measured 2.3e-3 at most on entropy
+    # over 40 tokens (1e-7 with the float32 prefill kernel of a CPU without AVX-512 BF16; the
+    # float32 kernels' own rounding differences could push a key across a bfloat16 boundary,
+    # 2.2e-5 then)
+    assert_engine_matches_torch(tiny_llama_dir, "cpu", prompts, max_tokens=40, kv_cache_dtype="bfloat16",
+                                tol=1e-2 if BF16_DOT else 1e-4)
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])

@@ -8,6 +8,9 @@
 // step's K/V first). Per (row, query head) an exact two-pass softmax in float32, as in the torch
 // reference (server/engine/attention/torch_ref.py, prefill_attention):
 //   s_j = (q . k_j) * scale,  m = max s,  e_j = exp(s_j - m),  out = (sum_j e_j v_j) / sum_j e_j
+// With a bfloat16 cache on a CPU with AVX-512 BF16 the two sums take bfloat16 dot products, q and
+// e_j rounded to bfloat16 (float32 sums; see pair_tile): twice as fast, for rows whose output the
+// o projection rounds to bfloat16 next.
 // No telemetry here: the row of a chunk that samples (its last) goes through the decode op, which
 // computes the accumulators (server/engine/attention/cpu_paged.py).
 //
@@ -34,6 +37,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -66,6 +70,10 @@ struct Scratch {
   std::vector<float> qt;      // [GC, D, 16] the tile's queries, transposed: lane = row
   std::vector<float> s;       // [GC, nk, 16] scores, then exp(s - m)
   std::vector<float> l;       // [GC, 16] sum of exp(s - m) per row
+  // bfloat16 cache (pair_tile): 32-bit words holding two bfloat16, the lower one first
+  std::vector<uint32_t> vp;   // [ceil(keys / 2), D] V of KV head `head`: (v_2p[d], v_2p+1[d])
+  std::vector<uint32_t> qp;   // [GC, D / 2, 16] the tile's queries rounded: (q[2p], q[2p + 1]), lane = row
+  std::vector<uint32_t> ep;   // [GC, ceil(nk / 2), 16] exp(s - m) rounded: (e_2p, e_2p+1), lane = row
 };
 
 // kf / vf hold keys 0 .. nk - 1 of KV head g afterwards (widening only the keys not held yet).
@@ -124,6 +132,21 @@ inline void score_keys(const float* qt, const float* kf, int64_t j0, int64_t nk,
     for (int64_t u = 0; u < KB; ++u) _mm512_storeu_ps(s + (i * nk + j0 + u) * LANES, acc[i][u]);
 }
 
+// Scores s [nk, 16] (lane = row r of a tile whose first row sits at key diag) scaled in place,
+// keys past a row's position set to MASKED; returns each row's maximum.
+inline __m512 scale_mask_max(float* s, int64_t nk, int64_t diag, float scale) {
+  const __m512 sc_v = _mm512_set1_ps(scale);
+  __m512 m = _mm512_set1_ps(MASKED);
+  for (int64_t j = 0; j < nk; ++j) {
+    __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + j * LANES), sc_v);
+    if (j >= diag)  // lanes r < j - diag sit before key j
+      x = _mm512_mask_mov_ps(_mm512_set1_ps(MASKED), static_cast<__mmask16>(0xFFFFu << (j - diag)), x);
+    _mm512_storeu_ps(s + j * LANES, x);
+    m = _mm512_max_ps(m, x);
+  }
+  return m;
+}
+
 // o[r, :16 W] = sum_j e[j, r] v_j[:16 W] / l[r] for 4 rows r (rows of them stored, HD floats
 // apart): e [nk, 16] (lane = row, this block's rows first), v [nk, D] (this block's dimensions
 // first). W a template argument: the 4 x W accumulators stay in registers.
@@ -147,10 +170,163 @@ inline void weigh_values(const float* e, const float* v, int64_t nk, int64_t D, 
   }
 }
 
+#if defined(__AVX512BF16__)
+// A bfloat16 cache: the same two-pass softmax with bfloat16 dot products (vdpbf16ps: two bf16
+// products per float32 lane, float32 sums), twice the multiply-adds of an FMA per instruction.
+// The cache's K and V are bfloat16 already; the query rows and the weights e_j = exp(s_j - m) are
+// rounded to bfloat16 (nearest even) on the way in, and out = sum_j e_j v_j / sum_j e_j with the
+// rounded e_j in both sums. The rows are the prefill rows that do not sample: their output is
+// rounded to bfloat16 by the o projection next, and the rounding of q adds an error of the size the
+// bfloat16 cache already puts on k. The row that samples (and gives telemetry) goes through the
+// decode op in float32. Keys pair up as (2p, 2p + 1) by position, so a row's sums still run in a
+// fixed order whatever its chunk (tested).
+
+// vp holds keys 0 .. nk - 1 of KV head g as pairs afterwards (a missing odd key is 0); a pair
+// left incomplete by an earlier, shorter call is rebuilt.
+inline void pair_values(const c10::BFloat16* vc, const int32_t* table, int64_t g, int64_t nk, const Geometry& geo,
+                        Scratch& sc) {
+  if (sc.head != g) {
+    sc.head = g;
+    sc.keys = 0;
+  }
+  if (nk <= sc.keys) return;
+  const int64_t D = geo.D, pairs = (nk + 1) / 2;
+  if (static_cast<int64_t>(sc.vp.size()) < pairs * D) sc.vp.resize(pairs * D);
+  for (int64_t jp = sc.keys / 2; jp < pairs; ++jp) {
+    const auto* v0 = reinterpret_cast<const uint16_t*>(key_row(vc, table, 2 * jp, g, geo));
+    const bool odd = 2 * jp + 1 < nk;
+    const auto* v1 = odd ? reinterpret_cast<const uint16_t*>(key_row(vc, table, 2 * jp + 1, g, geo)) : nullptr;
+    for (int64_t d = 0; d < D; d += LANES) {
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + d)));
+      const __m512i hi = odd ? _mm512_slli_epi32(
+                                   _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + d))), 16)
+                             : _mm512_setzero_si512();
+      _mm512_storeu_si512(&sc.vp[jp * D + d], _mm512_or_si512(lo, hi));
+    }
+  }
+  sc.keys = nk;
+}
+
+// s[i, j, lane] = (q_i[lane] . k_j) for keys j0 .. j0 + KB - 1, k_j read from the cache in pairs.
+template <int64_t GC, int64_t KB>
+inline void score_key_pairs(const uint32_t* qp, const c10::BFloat16* kc, const int32_t* table, int64_t g,
+                            const Geometry& geo, int64_t j0, int64_t nk, float* s) {
+  const int64_t P = geo.D / 2;
+  const uint32_t* kr[KB];
+  for (int64_t u = 0; u < KB; ++u) kr[u] = reinterpret_cast<const uint32_t*>(key_row(kc, table, j0 + u, g, geo));
+  __m512 acc[GC][KB];
+  for (int64_t i = 0; i < GC; ++i)
+    for (int64_t u = 0; u < KB; ++u) acc[i][u] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < P; ++p) {
+    __m512bh kb[KB];
+    for (int64_t u = 0; u < KB; ++u) kb[u] = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int32_t>(kr[u][p])));
+    for (int64_t i = 0; i < GC; ++i) {
+      const __m512bh qv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(qp + (i * P + p) * LANES));
+      for (int64_t u = 0; u < KB; ++u) acc[i][u] = _mm512_dpbf16_ps(acc[i][u], qv, kb[u]);
+    }
+  }
+  for (int64_t i = 0; i < GC; ++i)
+    for (int64_t u = 0; u < KB; ++u) _mm512_storeu_ps(s + (i * nk + j0 + u) * LANES, acc[i][u]);
+}
+
+// weigh_values over pairs: o[r, :16 W] = sum_p (e_2p[r] v_2p + e_2p+1[r] v_2p+1)[:16 W] / l[r].
+template <int64_t W>
+inline void weigh_value_pairs(const uint32_t* ep, const uint32_t* vp, int64_t pairs, int64_t D, const float* l,
+                              int64_t rows, int64_t HD, float* o) {
+  __m512 acc[4][W];
+  for (int64_t r = 0; r < 4; ++r)
+    for (int64_t x = 0; x < W; ++x) acc[r][x] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh vv[W];
+    for (int64_t x = 0; x < W; ++x) vv[x] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(vp + p * D + x * LANES));
+    for (int64_t r = 0; r < 4; ++r) {
+      const __m512bh w = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int32_t>(ep[p * LANES + r])));
+      for (int64_t x = 0; x < W; ++x) acc[r][x] = _mm512_dpbf16_ps(acc[r][x], vv[x], w);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 lv = _mm512_set1_ps(l[r]);
+    for (int64_t x = 0; x < W; ++x) _mm512_storeu_ps(o + r * HD + x * LANES, _mm512_div_ps(acc[r][x], lv));
+  }
+}
+
+// tile() for a bfloat16 cache.
+template <int64_t GC>
+void pair_tile(const float* q, const c10::BFloat16* kc, const c10::BFloat16* vc, const int32_t* table, int64_t start,
+               int64_t r0, int64_t nr, int64_t g, int64_t h0, const Geometry& geo, float scale, float* out,
+               Scratch& sc) {
+  const int64_t D = geo.D, HD = geo.H * D, P = D / 2;
+  const int64_t diag = start + r0, nk = diag + nr, pairs = (nk + 1) / 2;
+  pair_values(vc, table, g, nk, geo, sc);
+  sc.qp.assign(GC * P * LANES, 0u);
+  for (int64_t i = 0; i < GC; ++i)
+    for (int64_t r = 0; r < nr; ++r) {
+      const float* qr = q + (r0 + r) * HD + (h0 + i) * D;
+      for (int64_t p = 0; p < P; ++p)
+        sc.qp[(i * P + p) * LANES + r] = static_cast<uint32_t>(c10::BFloat16(qr[2 * p]).x) |
+                                         static_cast<uint32_t>(c10::BFloat16(qr[2 * p + 1]).x) << 16;
+    }
+  sc.s.resize(GC * nk * LANES);
+  sc.ep.resize(GC * pairs * LANES);
+  sc.l.resize(GC * LANES);
+  float* s = sc.s.data();
+  constexpr int64_t KB = keys_in_flight(GC);
+  int64_t j0 = 0;
+  for (; j0 + KB <= nk; j0 += KB) score_key_pairs<GC, KB>(sc.qp.data(), kc, table, g, geo, j0, nk, s);
+  for (; j0 < nk; ++j0) score_key_pairs<GC, 1>(sc.qp.data(), kc, table, g, geo, j0, nk, s);
+
+  // word 2r <- e_2p[r] (words 0..15 of cvtne2ps), word 2r + 1 <- e_2p+1[r] (words 16..31)
+  alignas(64) int16_t order[32];
+  for (int w = 0; w < 32; ++w) order[w] = static_cast<int16_t>((w % 2) * 16 + w / 2);
+  const __m512i interleave = _mm512_load_si512(order);
+  const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  for (int64_t i = 0; i < GC; ++i) {  // softmax per lane: scale, mask, max, exp, round, sum
+    float* si = s + i * nk * LANES;
+    uint32_t* ei = sc.ep.data() + i * pairs * LANES;
+    const __m512 m = scale_mask_max(si, nk, diag, scale);
+    __m512 l = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; ++p) {
+      const __m512 e0 = exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(si + 2 * p * LANES), m));
+      const __m512 e1 = 2 * p + 1 < nk ? exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(si + (2 * p + 1) * LANES), m))
+                                       : _mm512_setzero_ps();
+      const __m512i e = _mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
+      _mm512_storeu_si512(ei + p * LANES, e);
+      l = _mm512_add_ps(l, _mm512_castsi512_ps(_mm512_slli_epi32(e, 16)));  // the rounded e_2p
+      l = _mm512_add_ps(l, _mm512_castsi512_ps(_mm512_and_si512(e, high)));  // and e_2p+1
+    }
+    _mm512_storeu_ps(sc.l.data() + i * LANES, l);
+  }
+
+  for (int64_t i = 0; i < GC; ++i) {  // out = sum_j e_j v_j / l: 4 rows x 64 dimensions at a time
+    const uint32_t* ei = sc.ep.data() + i * pairs * LANES;
+    const float* li = sc.l.data() + i * LANES;
+    for (int64_t rb = 0; rb < nr; rb += 4) {
+      const int64_t rows = std::min<int64_t>(4, nr - rb);
+      float* o = out + (r0 + rb) * HD + (h0 + i) * D;
+      int64_t d0 = 0;
+      for (; d0 + 4 * LANES <= D; d0 += 4 * LANES)
+        weigh_value_pairs<4>(ei + rb, sc.vp.data() + d0, pairs, D, li + rb, rows, HD, o + d0);
+      switch ((D - d0) / LANES) {
+        case 3: weigh_value_pairs<3>(ei + rb, sc.vp.data() + d0, pairs, D, li + rb, rows, HD, o + d0); break;
+        case 2: weigh_value_pairs<2>(ei + rb, sc.vp.data() + d0, pairs, D, li + rb, rows, HD, o + d0); break;
+        case 1: weigh_value_pairs<1>(ei + rb, sc.vp.data() + d0, pairs, D, li + rb, rows, HD, o + d0); break;
+        default: break;
+      }
+    }
+  }
+}
+#endif
+
 // One tile (rows r0 .. r0 + nr - 1) of query heads h0 .. h0 + GC - 1, all of KV head g.
 template <int64_t GC, typename T>
 void tile(const float* q, const T* kc, const T* vc, const int32_t* table, int64_t start, int64_t r0, int64_t nr,
           int64_t g, int64_t h0, const Geometry& geo, float scale, float* out, Scratch& sc) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    pair_tile<GC>(q, kc, vc, table, start, r0, nr, g, h0, geo, scale, out, sc);
+    return;
+  }
+#endif
   const int64_t D = geo.D, HD = geo.H * D;
   const int64_t diag = start + r0;  // keys from here on are hidden from some rows of the tile
   const int64_t nk = diag + nr;     // keys the tile's last row sees
@@ -169,17 +345,9 @@ void tile(const float* q, const T* kc, const T* vc, const int32_t* table, int64_
   for (; j0 + KB <= nk; j0 += KB) score_keys<GC, KB>(sc.qt.data(), sc.kf.data(), j0, nk, D, s);
   for (; j0 < nk; ++j0) score_keys<GC, 1>(sc.qt.data(), sc.kf.data(), j0, nk, D, s);
 
-  const __m512 sc_v = _mm512_set1_ps(scale);
   for (int64_t i = 0; i < GC; ++i) {  // softmax per lane: scale, mask, max, exp, sum
     float* si = s + i * nk * LANES;
-    __m512 m = _mm512_set1_ps(MASKED);
-    for (int64_t j = 0; j < nk; ++j) {
-      __m512 x = _mm512_mul_ps(_mm512_loadu_ps(si + j * LANES), sc_v);
-      if (j >= diag)  // lanes r < j - diag sit before key j
-        x = _mm512_mask_mov_ps(_mm512_set1_ps(MASKED), static_cast<__mmask16>(0xFFFFu << (j - diag)), x);
-      _mm512_storeu_ps(si + j * LANES, x);
-      m = _mm512_max_ps(m, x);
-    }
+    const __m512 m = scale_mask_max(si, nk, diag, scale);
     __m512 l = _mm512_setzero_ps();
     for (int64_t j = 0; j < nk; ++j) {
       const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(si + j * LANES), m));
