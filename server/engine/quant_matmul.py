@@ -44,9 +44,13 @@ class PackedBlocks:
     mins: torch.Tensor | None       # float16 [N/16, in/32, 16]: m (Q4_1), else None
 
 
-def pack_blocks(kind: str, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> PackedBlocks:
+def pack_blocks(kind: str, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                place: Callable[[torch.Tensor], torch.Tensor] | None = None) -> PackedBlocks:
     """q [out, in] (uint8 0..15 for Q4, int8 for Q8_0), scales / mins float16 [out, in/32] ->
-    the tile layout; padding rows have scale 0 (and mins 0), so their outputs are 0."""
+    the tile layout; padding rows have scale 0 (and mins 0), so their outputs are 0. place
+    makes the contiguous tensors the op reads (an Arena's copy: host_memory.py; by default
+    .contiguous())."""
+    place = place or torch.Tensor.contiguous
     out, k = q.shape
     pad = -out % TILE
     tiles = (out + pad) // TILE
@@ -56,15 +60,15 @@ def pack_blocks(kind: str, q: torch.Tensor, scales: torch.Tensor, mins: torch.Te
         mins = None if mins is None else torch.cat([mins, mins.new_zeros(pad, mins.shape[1])])  # [N', G]
     pairs = q.view(tiles, TILE, k // 2, 2).permute(0, 2, 1, 3).reshape(tiles, k // 2, 2 * TILE)  # [N'/16, in/2, 32]
     if kind == "Q8_0":
-        qw = pairs.contiguous()                                                         # [N'/16, in/2, 32] int8
+        qw = pairs                                                                      # [N'/16, in/2, 32] int8
     else:
         two = pairs.reshape(tiles, k // 4, 2, 2 * TILE)                                 # [N'/16, in/4, 2, 32]
-        qw = (two[:, :, 0] | (two[:, :, 1] << 4)).contiguous()                          # [N'/16, in/4, 32] uint8
+        qw = two[:, :, 0] | (two[:, :, 1] << 4)                                         # [N'/16, in/4, 32] uint8
 
     def tiled(t: torch.Tensor) -> torch.Tensor:
-        return t.to(torch.float16).view(tiles, TILE, -1).transpose(1, 2).contiguous()  # [N'/16, G, 16]
+        return place(t.to(torch.float16).view(tiles, TILE, -1).transpose(1, 2))        # [N'/16, G, 16]
 
-    return PackedBlocks(kind, out, qw, tiled(scales), None if mins is None else tiled(mins))
+    return PackedBlocks(kind, out, place(qw), tiled(scales), None if mins is None else tiled(mins))
 
 
 def quantize_q8_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

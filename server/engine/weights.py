@@ -4,7 +4,8 @@ A projection is built once at start-up from its source weight, either a dense fl
 QuantizedTensor (a GGUF Q4_0 / Q4_1 / Q8_0 matrix in its own blocks), and a format:
 
   fp32  F.linear in float32 over the dequantized weight: the exactness reference.
-  bf16  F.linear in bfloat16 (activations cast on the way in, the output cast back to float32).
+  bf16  F.linear in bfloat16 (activations cast on the way in, the output cast back to float32,
+        or left in bfloat16 for the fused layer ops; on a CPU the weight prepacked for oneDNN).
   int8  Q8_0 blocks (a float16 scale per 32 weights): the file's own for a Q8_0 tensor, else
         quantized from the values at load; bfloat16 activations.
   int4  the GGUF's Q4_0 / Q4_1 blocks as they are: w = (q - 8) d or q d + m; bfloat16 activations.
@@ -38,13 +39,14 @@ follows the row's kind, never the batch size, so a decode's tokens never depend 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from server.config import WEIGHT_FORMATS
+from server.engine.host_memory import Arena
 from server.engine.quant_matmul import QuantMatmul, load_quant_matmul, pack_blocks, quantize_q8_0
 
 GROUP = 32                              # weights per GGUF block (Q4_0, Q4_1, Q8_0)
@@ -232,13 +234,13 @@ class Int8Linear:
     format = "int8"
 
     def __init__(self, w: torch.Tensor | QuantizedTensor, bias: torch.Tensor | None,
-                 prefill: Bf16Linear | None = None, kernel: QuantMatmul | None = None) -> None:
+                 prefill: Bf16Linear | None = None, kernel: QuantMatmul | None = None, arena: Arena | None = None) -> None:
         self.bias = bias
         self.prefill = prefill
         self.kernel = kernel
         if kernel is not None:
             q, d = (w.q, w.scales) if isinstance(w, QuantizedTensor) and w.kind == "Q8_0" else quantize_q8_0(dense(w))
-            self.blocks = pack_blocks("Q8_0", q, d, None)
+            self.blocks = pack_blocks("Q8_0", q, d, None, None if arena is None else arena.copy)
             return
         weight = dense(w)                                                            # [out, in]
         amax = weight.abs().amax(dim=1).clamp_min(1e-30)                             # [out]
@@ -265,12 +267,12 @@ class Int4Linear:
     format = "int4"
 
     def __init__(self, w: QuantizedTensor, bias: torch.Tensor | None, prefill: Bf16Linear | None = None,
-                 kernel: QuantMatmul | None = None) -> None:
+                 kernel: QuantMatmul | None = None, arena: Arena | None = None) -> None:
         self.bias = bias
         self.prefill = prefill
         self.kernel = kernel
         if kernel is not None:
-            self.blocks = pack_blocks(w.kind, w.q, w.scales, w.mins)
+            self.blocks = pack_blocks(w.kind, w.q, w.scales, w.mins, None if arena is None else arena.copy)
             return
         out, k = w.shape
         pad = -out % _INT4_N_MULTIPLE
@@ -325,16 +327,19 @@ def split_rows(quantized, prefill: Bf16Linear | None, x: torch.Tensor, num_decod
 
 
 def make_linear(w: torch.Tensor | QuantizedTensor, bias: torch.Tensor | None, fmt: str, name: str,
-                device: torch.device, dense_prefill: bool = False, quant_kernel: bool = True) -> Linear:
+                device: torch.device, dense_prefill: bool = False, quant_kernel: bool = True,
+                arena: Arena | None = None) -> Linear:
     """One projection in its resolved format (resolve_format first: fmt must be concrete).
     dense_prefill: an int4 / int8 projection also keeps a bfloat16 copy for prefill rows;
-    quant_kernel: int4 / int8 run on our kernel (quant_matmul.py) where it is built, else on torch's."""
+    quant_kernel: int4 / int8 run on our kernel (quant_matmul.py) where it is built, else on torch's;
+    arena: where that kernel's blocks go (host_memory.Arena: huge pages), else ordinary memory."""
     if fmt in ("int4", "int8"):
         if fmt == "int4" and (not isinstance(w, QuantizedTensor) or w.kind not in ("Q4_0", "Q4_1")):
             raise WeightFormatError(f"tensor {name} is {source_kind(w)}; int4 needs Q4_0 / Q4_1 blocks")
         prefill = Bf16Linear(dense(w), bias) if dense_prefill else None
         kernel = load_quant_matmul() if quant_kernel else None
-        return Int4Linear(w, bias, prefill, kernel) if fmt == "int4" else Int8Linear(w, bias, prefill, kernel)
+        cls = Int4Linear if fmt == "int4" else Int8Linear
+        return cls(w, bias, prefill, kernel, arena)
     values = dense(w).to(device)                                                     # [out, in]
     if fmt == "bf16":
         return Bf16Linear(values, bias)
@@ -379,6 +384,8 @@ class WeightSource:
     dense_prefill: bool = True                    # int4 / int8 projections keep a bf16 copy for prefill rows
     fused_ops: bool = True                        # the model may use layer_ops.py's fused glue (CPU, bf16 inputs)
     quant_kernel: bool = True                     # int4 / int8 on our kernel (quant_matmul.py) where it is built
+    # the kernel's blocks, read whole by every decode step, packed together on huge pages
+    arena: Arena = field(default_factory=Arena)
 
     def source(self, name: str) -> torch.Tensor | QuantizedTensor:
         return self.quantized.get(name, self.dense[name])
@@ -396,7 +403,8 @@ class WeightSource:
         label = names[0] if len(names) == 1 else "+".join(names)
         fmt = resolve_format(self.weight_format, w, label, self.device)
         bias = torch.cat([self.tensor(n) for n in bias_names]) if bias_names else None  # [out]
-        return make_linear(w, bias, fmt, label, self.device, self.dense_prefill and not lm_head, self.quant_kernel)
+        return make_linear(w, bias, fmt, label, self.device, self.dense_prefill and not lm_head, self.quant_kernel,
+                           self.arena)
 
     def embedding(self, name: str) -> Embedding:
         return Embedding(self.source(name), self.device)
