@@ -3,7 +3,7 @@
 A decode step reads every quantized weight once (96 MB for the default model): on 4 KiB pages
 that is ~24,000 pages a step, far past the TLB's reach, and the hardware prefetchers restart at
 every 4 KiB boundary. The same reads from 2 MiB pages run faster (a 96 MB sum on this project's
-2-core machines: 27 -> 33 GB/s; a batch-1 decode step ~7.3 -> 5.4 ms; BENCHMARKS.md). Linux
+2-core machines: 27 -> 33 GB/s; a batch-1 decode step 6.5 -> 5.65 ms; BENCHMARKS.md). Linux
 gives an anonymous mapping huge pages when THP is "always", or "madvise" and the mapping asks for
 them (MADV_HUGEPAGE), which huge_empty does; where THP is off or the platform has no madvise, the
 mapping simply stays on small pages. A huge page is backed whole when first touched, so small
@@ -12,6 +12,7 @@ tensors share an Arena's chunks instead of each holding 2 MiB.
 
 from __future__ import annotations
 
+import math
 import mmap
 
 import torch
@@ -24,10 +25,7 @@ def huge_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized contiguous CPU tensor [shape] in its own anonymous mapping advised for
     huge pages (torch.empty where that is not possible: no MADV_HUGEPAGE here, or no elements).
     The tensor keeps the mapping alive; it is unmapped when the last view of it goes."""
-    numel = 1
-    for n in shape:
-        numel *= n
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if nbytes == 0 or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(shape, dtype=dtype)
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

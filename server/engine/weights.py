@@ -170,6 +170,7 @@ class Fp32Linear:
         self.bias = bias                        # [out] or None
 
     def __call__(self, x: torch.Tensor, num_decodes: int | None = None, keep_bf16: bool = False) -> torch.Tensor:
+        """[T, in] -> float32 [T, out] (keep_bf16 changes nothing here)."""
         return F.linear(x, self.weight, self.bias)  # [T, in] -> [T, out]
 
 
@@ -234,7 +235,8 @@ class Int8Linear:
     format = "int8"
 
     def __init__(self, w: torch.Tensor | QuantizedTensor, bias: torch.Tensor | None,
-                 prefill: Bf16Linear | None = None, kernel: QuantMatmul | None = None, arena: Arena | None = None) -> None:
+                 prefill: Bf16Linear | None = None, kernel: QuantMatmul | None = None,
+                 arena: Arena | None = None) -> None:
         self.bias = bias
         self.prefill = prefill
         self.kernel = kernel

@@ -11,9 +11,10 @@ Its output is bit-identical with telemetry on or off and does not depend on the 
 the batch. A prefill chunk's rows but the last go to torch.ops.headwise.paged_prefill
 (csrc/paged_prefill.cpp: causal attention over the same block table, the same float32 softmax,
 16 rows per tile; over a bfloat16 cache, on a CPU with AVX-512 BF16, bfloat16 dot products with q
-and the softmax weights rounded to bfloat16, twice as fast); its last row, the one that samples, goes through paged_decode like a decode
-row of that position, which also yields its telemetry, so a prompt's last token is attended
-exactly as a generated one would be, whether or not its telemetry is on.
+and the softmax weights rounded to bfloat16, twice as fast); its last row, the one that samples,
+goes through paged_decode like a decode row of that position, which also yields its telemetry,
+so a prompt's last token is attended exactly as a generated one would be, whether or not its
+telemetry is on.
 
 Available only on a CPU device and only where the extension builds (a C++ compiler and ninja);
 otherwise "auto" picks the torch reference, after one logged warning naming the reason.

@@ -234,10 +234,10 @@ def test_engine_generates_the_same_tokens_and_telemetry_as_torch(op, tiny_llama_
     assert_engine_matches_torch(tiny_llama_dir, "cpu", prompts, max_tokens=40)
     # bfloat16 cache: the prefill rows' attention takes bfloat16 dot products (q and the softmax
     # weights rounded, csrc/paged_prefill.cpp) where the reference computes in float32, so the
-    # K / V that later layers write move by bfloat16 steps; measured 2.3e-3 at most on entropy
-    # over 40 tokens (1e-7 with the float32 prefill kernel of a CPU without AVX-512 BF16; the
-    # float32 kernels' own rounding differences could push a key across a bfloat16 boundary,
-    # 2.2e-5 then)
+    # K / V that later layers write move by bfloat16 steps: measured 2.3e-3 at most on entropy
+    # over 40 tokens. A CPU without AVX-512 BF16 runs the float32 prefill kernel: only the float32
+    # kernels' rounding differences then, which now and then push a key across a bfloat16
+    # boundary when it is written (2.2e-5 at most)
     assert_engine_matches_torch(tiny_llama_dir, "cpu", prompts, max_tokens=40, kv_cache_dtype="bfloat16",
                                 tol=1e-2 if BF16_DOT else 1e-4)
 
