@@ -3,12 +3,15 @@
 At decode the glue between a layer's matmuls costs more than its arithmetic: F.rms_norm alone
 dispatches five ops on a CPU (about 23 us a call with 61 calls a step), and every cast, split and
 RoPE term is one more. Four C++ ops replace those chains where the next matmul wants bfloat16
-activations (the int4 / int8 / bf16 formats):
+activations (the int4 / int8 / bf16 formats). LayerOps is the contract (A: the activation dtype the
+projections take, bfloat16 here; the residual stream x stays float32):
 
-    rms_norm_bf16(x, w, eps)             F.rms_norm(x, w, eps).to(bfloat16)
-    add_rms_norm_bf16(x, y, w, eps)      x += y in place (float32), then rms_norm_bf16(x, w, eps)
-    silu_mul_bf16(gate_up)               (F.silu(gate) * up).to(bfloat16)
-    qkv_rope(qkv, cos, sin, H, KVH)      q, k rotated (rotate-half RoPE) and v, float32
+    rms_norm(x, w, eps)                  F.rms_norm(x, w, eps).to(A)
+    add_rms_norm(x, y, w, eps)           x += y in place (float32), then rms_norm(x, w, eps)
+    silu_mul(gate_up)                    (F.silu(gate) * up).to(A)
+    qkv_rope(qkv, cos, sin, H, KVH)      q, k rotated (rotate-half RoPE) and v (float32 here)
+
+On CUDA the same contract is met by Triton kernels (triton_layer_ops.py), in bfloat16 or float16.
 
 They are built like the paged-decode op (attention/cpu_extension.py: the system C++ compiler and
 ninja, once per source and CPU, at set-up). LayerOps.load() gives them, or None with the reason
@@ -33,9 +36,11 @@ SOURCE = Path(__file__).parent / "csrc" / "layer_ops.cpp"
 
 @dataclass(frozen=True)
 class LayerOps:
-    rms_norm_bf16: Callable
-    add_rms_norm_bf16: Callable
-    silu_mul_bf16: Callable
+    """The fused glue of a decoder layer (the module docstring's contract)."""
+
+    rms_norm: Callable
+    add_rms_norm: Callable
+    silu_mul: Callable
     qkv_rope: Callable
 
 

@@ -177,7 +177,7 @@ class LlamaModel:
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm of x [T, C]: bfloat16 through the fused op on the quantized path, else float32."""
         if self.layer_ops is not None:
-            return self.layer_ops.rms_norm_bf16(x, weight, self.cfg.rms_norm_eps)  # [T, C] bf16
+            return self.layer_ops.rms_norm(x, weight, self.cfg.rms_norm_eps)  # [T, C] bf16
         return rms_norm(x, weight, self.cfg.rms_norm_eps)                         # [T, C]
 
     def _add_norm(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +185,7 @@ class LlamaModel:
         on the quantized path (x updated in place, the sum in float32 as torch's add), else
         torch ops."""
         if self.layer_ops is not None:
-            return x, self.layer_ops.add_rms_norm_bf16(x, y, weight, self.cfg.rms_norm_eps)  # [T, C], [T, C] bf16
+            return x, self.layer_ops.add_rms_norm(x, y, weight, self.cfg.rms_norm_eps)  # [T, C], [T, C] bf16
         x = x + y                                                    # [T, C]
         return x, rms_norm(x, weight, self.cfg.rms_norm_eps)         # [T, C], [T, C]
 
@@ -206,7 +206,7 @@ class LlamaModel:
         """SwiGLU of the normed residual [T, C] -> [T, C]."""
         if self.layer_ops is not None:  # bfloat16 GEMM outputs go to the fused ops as they are
             gate_up = layer.gate_up(normed, bd, keep_bf16=True)      # [T, 2 I]
-            return layer.down(self.layer_ops.silu_mul_bf16(gate_up), bd, keep_bf16=True)  # [T, C]
+            return layer.down(self.layer_ops.silu_mul(gate_up), bd, keep_bf16=True)  # [T, C]
         gate_up = layer.gate_up(normed, bd)                          # [T, 2 I]
         gate, up = gate_up.chunk(2, dim=-1)                          # [T, I] x2
         return layer.down(F.silu(gate) * up, bd)                     # [T, C]

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(ops is None, reason="the C++ layer ops could not
 def test_rms_norm_bf16_equals_torch_then_cast(rows):
     x = torch.randn(rows, 576) * 3                                         # [T, C]
     w = torch.randn(576)                                                   # [C]
-    got = ops.rms_norm_bf16(x, w, 1e-5)                                    # [T, C] bf16
+    got = ops.rms_norm(x, w, 1e-5)                                    # [T, C] bf16
     want = F.rms_norm(x, w.shape, w, 1e-5).to(torch.bfloat16)              # [T, C]
     assert got.dtype == torch.bfloat16
     # the sum of squares may be accumulated in another order: at most one bfloat16 step apart
@@ -38,15 +38,15 @@ def test_add_rms_norm_bf16_is_the_add_then_the_norm(rows, y_dtype):
     x, y = torch.randn(rows, 576) * 3, torch.randn(rows, 576).to(y_dtype)  # [T, C]
     w = torch.randn(576)                                                   # [C]
     want_x = x + y.float()                                                 # [T, C]
-    want = ops.rms_norm_bf16(want_x, w, 1e-5)                              # [T, C] bf16
-    got = ops.add_rms_norm_bf16(x, y, w, 1e-5)
+    want = ops.rms_norm(want_x, w, 1e-5)                              # [T, C] bf16
+    got = ops.add_rms_norm(x, y, w, 1e-5)
     assert torch.equal(x, want_x) and torch.equal(got, want)
     with pytest.raises(RuntimeError, match="y: float32"):
-        ops.add_rms_norm_bf16(x, y[:, :8].contiguous(), w, 1e-5)
+        ops.add_rms_norm(x, y[:, :8].contiguous(), w, 1e-5)
     with pytest.raises(RuntimeError, match="y: float32 or bfloat16"):
-        ops.add_rms_norm_bf16(x, y.half(), w, 1e-5)
+        ops.add_rms_norm(x, y.half(), w, 1e-5)
     with pytest.raises(RuntimeError, match="x: float32"):
-        ops.add_rms_norm_bf16(x.double(), y, w, 1e-5)
+        ops.add_rms_norm(x.double(), y, w, 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -56,7 +56,7 @@ def test_silu_mul_bf16_equals_torch(dtype, rows):
     gate_up[0, :4] = torch.tensor([-200.0, 200.0, 0.0, -90.0])             # exp's range ends, exactly 0
     gate, up = gate_up.float().chunk(2, dim=-1)                            # [T, I] x2
     want = (F.silu(gate) * up).to(torch.bfloat16)                          # [T, I]
-    got = ops.silu_mul_bf16(gate_up)                                       # [T, I]
+    got = ops.silu_mul(gate_up)                                       # [T, I]
     assert got.shape == want.shape
     assert ((got.float() - want.float()).abs() <= want.float().abs() * 2 ** -7 + 1e-30).all()
 
@@ -67,10 +67,10 @@ def test_a_row_gets_the_same_bits_alone_and_in_a_threaded_call():
     x, w = torch.randn(300, 576), torch.randn(576)                         # [T, C], [C]
     gate_up = torch.randn(300, 2 * 1536)                                   # [T, 2 I]
     qkv, cos, sin = torch.randn(300, 15 * 64), torch.randn(300, 64), torch.randn(300, 64)
-    norm, act, rope = ops.rms_norm_bf16(x, w, 1e-5), ops.silu_mul_bf16(gate_up), ops.qkv_rope(qkv, cos, sin, 9, 3)
+    norm, act, rope = ops.rms_norm(x, w, 1e-5), ops.silu_mul(gate_up), ops.qkv_rope(qkv, cos, sin, 9, 3)
     for i in (0, 150, 299):
-        assert torch.equal(ops.rms_norm_bf16(x[i:i + 1], w, 1e-5), norm[i:i + 1])
-        assert torch.equal(ops.silu_mul_bf16(gate_up[i:i + 1]), act[i:i + 1])
+        assert torch.equal(ops.rms_norm(x[i:i + 1], w, 1e-5), norm[i:i + 1])
+        assert torch.equal(ops.silu_mul(gate_up[i:i + 1]), act[i:i + 1])
         alone = ops.qkv_rope(qkv[i:i + 1], cos[i:i + 1], sin[i:i + 1], 9, 3)
         assert all(torch.equal(a, b[i:i + 1]) for a, b in zip(alone, rope))
 
@@ -94,11 +94,11 @@ def test_qkv_rope_equals_apply_rope(heads, kv_heads):
 
 def test_bad_shapes_are_errors_not_crashes():
     with pytest.raises(RuntimeError, match="x: float32"):
-        ops.rms_norm_bf16(torch.randn(3, 8).double(), torch.randn(8), 1e-5)
+        ops.rms_norm(torch.randn(3, 8).double(), torch.randn(8), 1e-5)
     with pytest.raises(RuntimeError, match="multiple of H"):
         ops.qkv_rope(torch.randn(2, 100), torch.randn(2, 10), torch.randn(2, 10), 9, 3)
     with pytest.raises(RuntimeError, match="gate_up"):
-        ops.silu_mul_bf16(torch.randn(2, 7))
+        ops.silu_mul(torch.randn(2, 7))
 
 
 def test_a_quantized_model_generates_the_same_with_and_without_them(tiny_llama_q4_dir, monkeypatch):
