@@ -2,10 +2,12 @@
 
     python -m benchmarks.bench_gpu_triton [--json gpu.json] [--new-tokens 128] [--repeats 3]
 
-On one CUDA GPU, with randomly initialized models (no weights travel) and bf16 weights:
+On one CUDA GPU, with randomly initialized models (no weights travel), --dtype bfloat16 (weights,
+activations and KV cache; --dtype changes it):
 
   1. SmolLM2-135M shape: decode tokens/s at batch 1 and at a static batch of 128, for
-     --attention-backend triton, torch (the reference) and transformers' generate
+     --attention-backend triton (decode through CUDA graphs), triton with --enforce-eager (what
+     the graphs save), torch (the reference) and transformers' generate
      (targets: >= 1,500 tok/s single-stream; >= 20x transformers at batch 1, >= 10x at 128);
   2. Llama-3.2-1B shape: the decode step at batch 1 against the weight-read floor, a
      device-to-device copy of the weights' size (target: within 3x);
@@ -71,21 +73,30 @@ def sync_time(device: str) -> float:
 
 
 def engine_for(path: str, loaded, device: str, backend: str, max_seqs: int, max_len: int, dtype: str,
-               telemetry: bool = True):
-    """An engine over the loaded model: bf16 weights; the KV cache in dtype (CacheConfig.dtype
-    has float32 and bfloat16; float16 runs a float32 cache); activations in dtype where
-    EngineConfig has a dtype field (--dtype, issue 14), else float32. Attention time sampling off
-    (its per-layer synchronization would be timed)."""
-    from server.config import KV_CACHE_DTYPES, CacheConfig, EngineConfig, SchedulerConfig, TelemetryConfig
+               telemetry: bool = True, eager: bool = False):
+    """An engine over the loaded model: weights, activations and KV cache in dtype (--dtype);
+    decode steps through CUDA graphs unless eager (--enforce-eager; the torch backend has no
+    graph plan and always runs eagerly). Attention time sampling off (its per-layer
+    synchronization would be timed)."""
+    from server.config import CacheConfig, EngineConfig, SchedulerConfig, TelemetryConfig
     from server.engine.engine import Engine
 
-    extra = {"dtype": dtype} if "dtype" in EngineConfig.__dataclass_fields__ else {}
-    cfg = EngineConfig(model=path, device=device, attention_backend=backend, weight_format="bf16",
-                       cache=CacheConfig(memory_bytes=4 << 30, dtype=dtype if dtype in KV_CACHE_DTYPES else "float32"),
+    cfg = EngineConfig(model=path, device=device, attention_backend=backend, dtype=dtype, enforce_eager=eager,
+                       cache=CacheConfig(memory_bytes=4 << 30),
                        scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max(2048, max_seqs),
                                                  max_model_len=max_len),
-                       telemetry=TelemetryConfig(enabled=telemetry, attention_time_sample_rate=0.0), **extra)
+                       telemetry=TelemetryConfig(enabled=telemetry, attention_time_sample_rate=0.0))
     return Engine(cfg, loaded=loaded)
+
+
+def engines_for(path: str, loaded, device: str, backends: tuple[str, ...], max_seqs: int, max_len: int,
+                dtype: str) -> dict:
+    """The engines compared side by side: each backend, and the triton one also with --enforce-eager
+    (what the CUDA graphs save)."""
+    engines = {b: engine_for(path, loaded, device, b, max_seqs, max_len, dtype) for b in backends}
+    if "triton" in backends:
+        engines["triton_eager"] = engine_for(path, loaded, device, "triton", max_seqs, max_len, dtype, eager=True)
+    return engines
 
 
 def prompts_for(batch: int, length: int, vocab: int) -> list[list[int]]:
@@ -166,12 +177,12 @@ def bench_small(plan: Plan, device: str, dtype: str, workdir: str) -> dict:
     max_len = plan.prompt_tokens + plan.new_tokens + 32
     backends = available_backends(plan, device)
     biggest = max(plan.batches + plan.telemetry_batches)
-    engines = {b: engine_for(path, loaded, device, b, biggest, max_len, dtype) for b in backends}
+    engines = engines_for(path, loaded, device, backends, biggest, max_len, dtype)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
-    res: dict = {"backends": list(backends), "decode": []}
+    res: dict = {"backends": list(engines), "decode": []}
     for batch in plan.batches:
         prompts = prompts_for(batch, plan.prompt_tokens, vocab)
-        log(f"decode, batch {batch}: {', '.join(backends)} (alternating), transformers")
+        log(f"decode, batch {batch}: {', '.join(engines)} (alternating), transformers")
         step = decode_step_s(engines, prompts, min(plan.new_tokens, 64), plan.repeats, device)
         hf_step = hf_decode_step_s(hf, prompts, plan.new_tokens, device)
         row = {"batch": batch, "transformers_tok_s": batch / hf_step, "transformers_step_ms": hf_step * 1e3}
@@ -207,8 +218,8 @@ def bench_large(plan: Plan, device: str, dtype: str, workdir: str) -> dict:
     floor = copy_floor_s(nbytes, device)
     max_len = plan.prompt_tokens + plan.new_tokens + 32
     backends = available_backends(plan, device)
-    engines = {b: engine_for(path, loaded, device, b, 1, max_len, dtype) for b in backends}
-    log(f"1B-shaped decode at batch 1: {', '.join(backends)}; floor {floor * 1e3:.3f} ms for {nbytes / 2**30:.2f} GiB")
+    engines = engines_for(path, loaded, device, backends, 1, max_len, dtype)
+    log(f"1B-shaped decode at batch 1: {', '.join(engines)}; floor {floor * 1e3:.3f} ms for {nbytes / 2**30:.2f} GiB")
     step = decode_step_s(engines, prompts_for(1, plan.prompt_tokens, plan.large["vocab_size"]),
                          min(plan.new_tokens, 64), plan.repeats, device)
     res = {"params": params, "weight_bytes": nbytes, "copy_floor_ms": floor * 1e3,
@@ -231,8 +242,8 @@ def table(res: dict) -> str:
 
     for row in res["small"]["decode"]:
         b = row["batch"]
-        for key in ("triton", "torch"):
-            if f"{key}_tok_s" in row and b == 1:
+        for key in ("triton", "triton_eager", "torch"):
+            if f"{key}_tok_s" in row and b == 1 and key == "triton":
                 add(f"135M batch 1: {key} decode tok/s", row[f"{key}_tok_s"], f">={t['single_stream_tok_s']:.0f}",
                     row[f"{key}_tok_s"] >= t["single_stream_tok_s"])
             elif f"{key}_tok_s" in row:
@@ -245,7 +256,7 @@ def table(res: dict) -> str:
     large = res.get("large")
     if large:
         add("1B batch 1: weight-copy floor (ms)", large["copy_floor_ms"])
-        for key in ("triton", "torch"):
+        for key in ("triton", "triton_eager", "torch"):
             if f"{key}_step_ms" in large:
                 add(f"1B batch 1: {key} decode step (ms)", large[f"{key}_step_ms"])
                 add(f"1B batch 1: {key} step / floor (x)", large[f"{key}_floor_ratio"],
@@ -276,7 +287,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prompt-tokens", type=int, default=100, help="prompt length of every sequence (default 100)")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds per figure (default 3)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
-                    help="activations and KV cache, where the engine has --dtype (default bfloat16)")
+                    help="the engines' --dtype: weights, activations and KV cache (default bfloat16)")
     ap.add_argument("--skip-large", action="store_true", help="skip the Llama-3.2-1B-shaped figure")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cuda:N; cpu only with --smoke")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes and batches: checks the script, not the GPU")

@@ -9,7 +9,7 @@ import sys
 import time
 
 from server import __version__
-from server.config import KV_CACHE_DTYPES, WEIGHT_FORMATS, CacheConfig, EngineConfig, SchedulerConfig, TelemetryConfig
+from server.config import DTYPES, KV_CACHE_DTYPES, WEIGHT_FORMATS, CacheConfig, EngineConfig, SchedulerConfig, TelemetryConfig
 from server.engine.errors import HeadwiseError, ModelNotFoundError
 
 
@@ -23,9 +23,10 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="memory for the paged KV cache in GiB (default 1)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
-                   help="KV cache element type: auto (bfloat16 where the projections take bfloat16 activations "
-                        "anyway, as with int4/int8/bf16 weights on a CPU; else float32; the default), float32 "
-                        "or bfloat16 (half the memory and bytes read per decode step)")
+                   help="KV cache element type: auto (the default: on CUDA the activation dtype; on a CPU "
+                        "bfloat16 where the projections take bfloat16 activations anyway, as with int4/int8/bf16 "
+                        "weights, else float32), float32, bfloat16 or float16 (half the memory and bytes read per "
+                        "decode step)")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     p.add_argument("--no-telemetry", action="store_true", help="switch per-head attention telemetry off")
     p.add_argument("--telemetry-sample-rate", type=float, default=1.0,
@@ -42,8 +43,14 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-format", default="auto", choices=WEIGHT_FORMATS,
                    help="projection weights: auto (per tensor, the closest fast format to the file's own: GGUF "
                         "Q4_0/Q4_1 -> int4, Q8_0 -> int8, float16/bfloat16 -> bf16, else fp32; the default), fp32 "
-                        "(the exactness reference), bf16, int8 (per-row scales) or int4 (needs Q4_0/Q4_1 blocks); "
+                        "(the exactness reference), bf16, fp16, int8 (per-row scales) or int4 (needs Q4_0/Q4_1 blocks); "
                         "int8 and int4 run on CPUs")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="precision of the projections' weights and activations: auto (the default: on CUDA "
+                        "bfloat16 where the GPU has it, else float16; on a CPU --weight-format decides), "
+                        "bfloat16, float16 or float32 (sets the weight format: bf16, fp16 or fp32)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
 
 
@@ -66,7 +73,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     (check_attention_backend, which needs torch)."""
     return EngineConfig(
         model=args.model, device=args.device, num_threads=args.threads, attention_backend=args.attention_backend,
-        weight_format=args.weight_format,
+        weight_format=args.weight_format, dtype=args.dtype, enforce_eager=args.enforce_eager,
         cache=CacheConfig(block_size=args.block_size, memory_bytes=int(args.kv_cache_memory * 2**30),
                           dtype=args.kv_cache_dtype,
                           enable_prefix_caching=not args.no_prefix_caching),

@@ -83,14 +83,15 @@ class ModelConfig:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
 
 
-KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache. The number of blocks comes from memory_bytes unless num_blocks is given.
-    dtype: one of KV_CACHE_DTYPES; auto = bfloat16 where the model's projections take bfloat16
-    activations anyway (the quantized CPU path), else float32 (runner.kv_cache_dtype)."""
+    dtype: one of KV_CACHE_DTYPES; auto = on a CPU bfloat16 where the model's projections take
+    bfloat16 activations anyway (the quantized path), else float32; on CUDA the activation dtype
+    (runner.kv_cache_dtype)."""
 
     block_size: int = 16
     memory_bytes: int = 1 << 30
@@ -146,7 +147,8 @@ class TelemetryConfig:
                  "histogram buckets must be strictly increasing")
 
 
-WEIGHT_FORMATS = ("auto", "fp32", "bf16", "int8", "int4")
+WEIGHT_FORMATS = ("auto", "fp32", "bf16", "fp16", "int8", "int4")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,8 @@ class EngineConfig:
     num_threads: int | None = None
     attention_backend: str = "auto"  # "auto" = the best available on device; a name forces one
     weight_format: str = "auto"      # one of WEIGHT_FORMATS; auto = per tensor, the file's own (weights.py)
+    dtype: str = "auto"              # one of DTYPES: the projections' weights and activations (weights.format_for_dtype)
+    enforce_eager: bool = False      # no CUDA graphs for decode steps
 
     def __post_init__(self) -> None:
         _require(self.device == "cpu" or self.device.startswith("cuda"),
@@ -170,6 +174,7 @@ class EngineConfig:
         _require(self.weight_format in WEIGHT_FORMATS,
                  f"weight_format must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weight_format!r}")
         _require(self.num_threads is None or self.num_threads > 0, "num_threads must be > 0")
+        _require(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from server.config import ModelConfig, RopeScaling
 from server.engine.timing import LayerTimer
-from server.engine.layer_ops import LayerOps, load_layer_ops
+from server.engine.layer_ops import LayerOps, load_gpu_layer_ops, load_layer_ops
 from server.engine.weights import Embedding, Linear, WeightSource
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ class LlamaModel:
     def __init__(self, cfg: ModelConfig, embed: Embedding, layers: list[DecoderLayer], norm: torch.Tensor,
                  lm_head: Linear, max_positions: int, device: torch.device, layer_ops: LayerOps | None = None) -> None:
         self.cfg = cfg
-        self.layer_ops = layer_ops  # fused CPU glue for bfloat16-input projections (layer_ops.py), or None
+        self.layer_ops = layer_ops  # fused glue for half-precision projections (layer_ops.py), or None
         self.embed = embed    # ids [T] -> [T, C]
         self.layers = layers
         self.norm = norm      # [C]
@@ -104,15 +104,17 @@ class LlamaModel:
         self.sin = sin.to(device)  # [P, D]
 
     @staticmethod
-    def takes_bf16(layers: list[DecoderLayer], lm_head: Linear) -> bool:
-        """Every projection casts its input to bfloat16 (int4, int8 or bf16 weights): values the
-        model computes are rounded to bfloat16 before they matter anyway."""
-        return all(lin.format != "fp32" for layer in layers
-                   for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)) and lm_head.format != "fp32"
+    def projection_dtype(layers: list[DecoderLayer], lm_head: Linear) -> torch.dtype:
+        """The dtype every projection casts its input to (bfloat16 for int4, int8 and bf16
+        weights, float16 for fp16), float32 when any is fp32 or they differ: values the model
+        computes are rounded to it before they matter anyway."""
+        dtypes = {lin.act_dtype for layer in layers for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)}
+        dtypes.add(lm_head.act_dtype)
+        return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
     @property
-    def bf16_activations(self) -> bool:
-        return self.takes_bf16(self.layers, self.lm_head)
+    def activation_dtype(self) -> torch.dtype:
+        return self.projection_dtype(self.layers, self.lm_head)
 
     @classmethod
     def from_weights(cls, cfg: ModelConfig, weights: WeightSource, max_positions: int | None = None) -> LlamaModel:
@@ -131,9 +133,13 @@ class LlamaModel:
                 down=weights.linear([p + "mlp.down_proj.weight"])))
         head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         lm_head = weights.linear([head], lm_head=True)
-        # the fused glue hands bfloat16 to every projection: only when all of them take it anyway
-        bf16_inputs = cls.takes_bf16(layers, lm_head)
-        ops = load_layer_ops() if bf16_inputs and weights.device.type == "cpu" and weights.fused_ops else None
+        # the fused glue hands half precision to every projection: only when all of them take it anyway
+        act = cls.projection_dtype(layers, lm_head)
+        ops = None
+        if weights.fused_ops and weights.device.type == "cuda" and act != torch.float32:
+            ops = load_gpu_layer_ops(act)
+        elif weights.fused_ops and weights.device.type == "cpu" and act == torch.bfloat16:
+            ops = load_layer_ops()
         return cls(cfg, weights.embedding("model.embed_tokens.weight"), layers, w("model.norm.weight"),
                    lm_head, max_positions or cfg.max_position_embeddings, weights.device, ops)
 

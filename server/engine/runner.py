@@ -21,6 +21,7 @@ import torch
 
 from server.config import EngineConfig, ModelConfig
 from server.engine.attention import AttentionMetadata, build_backend
+from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_cache import KVCache, num_blocks_for
 from server.engine.model import LlamaModel
 from server.engine.request import Request, TokenLogprob
@@ -28,7 +29,7 @@ from server.engine.sampler import SamplingRow, derive_seed, sample
 from server.engine.scheduler import Batch, ScheduledRequest
 from server.engine.structured import fill_bitmask, new_bitmask
 from server.engine.timing import LayerTimer
-from server.engine.weights import QuantizedTensor, WeightSource
+from server.engine.weights import QuantizedTensor, WeightSource, format_for_dtype
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,17 @@ class StepTelemetry:
 
     acc: torch.Tensor    # [L, R, H, NUM_ACCUMULATORS] float32
     keys: torch.Tensor   # [R] keys each row attended to (its position + 1)
+
+
+@dataclass(frozen=True)
+class HostStep:
+    """What _write_host put in the host buffers."""
+
+    num_seqs: int
+    num_tokens: int
+    num_decodes: int
+    width: int       # block-table columns in use
+    max_len: int
 
 
 @dataclass(frozen=True)
@@ -94,12 +106,16 @@ class StepBuffers:
 
 
 def kv_cache_dtype(requested: str, model: LlamaModel, device: torch.device) -> torch.dtype:
-    """The KV cache's element type (CacheConfig.dtype): "auto" is bfloat16 on a CPU when every
-    projection takes bfloat16 activations anyway (int4 / int8 / bf16 weights; half the bytes each
-    decode step reads), float32 otherwise (the fp32 path stays the exactness reference)."""
+    """The KV cache's element type (CacheConfig.dtype). "auto": on CUDA the activation dtype; on a
+    CPU bfloat16 when every projection takes bfloat16 activations anyway (int4 / int8 / bf16
+    weights; half the bytes each decode step reads), float32 otherwise (the fp32 path stays the
+    exactness reference)."""
     if requested == "auto":
-        return torch.bfloat16 if device.type == "cpu" and model.bf16_activations else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[requested]
+        act = model.activation_dtype
+        if device.type == "cuda":
+            return act
+        return torch.bfloat16 if act == torch.bfloat16 else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
 
 
 class ModelRunner:
@@ -112,7 +128,8 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.model_config = model_config
         self.block_size = bs = config.cache.block_size
-        source = WeightSource(weights, quantized, config.weight_format, self.device)
+        fmt = format_for_dtype(config.dtype, config.weight_format, self.device)
+        source = WeightSource(weights, quantized, fmt, self.device)
         self.model = LlamaModel.from_weights(model_config, source, max_model_len)
         kv_dtype = kv_cache_dtype(config.cache.dtype, self.model, self.device)
         self.num_blocks = num_blocks_for(model_config, config.cache, max_model_len, kv_dtype.itemsize)
@@ -125,11 +142,24 @@ class ModelRunner:
         # row that holds the same sequence again only gets its new blocks written (the request
         # object, not its id: a finished request's id may be used again)
         self._table_rows: list[tuple[Request, int, int] | None] = [None] * sc.max_num_seqs
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager and hasattr(self.attention, "graph_plan"):
+            self.graphs = self.decode_graphs()
+            self.graphs.capture()
 
-    def _fill(self, scheduled: list[ScheduledRequest], stats_seqs: list[int] | None) -> AttentionMetadata:
-        """Write the step's inputs into the buffers; scheduled is in decodes-first order."""
-        buf, bs = self.buffers, self.block_size
-        npb = buf.np
+    def decode_graphs(self) -> DecodeGraphs:
+        """Graphs of decode steps over this runner's buffers (cuda_graphs.py); captured by capture()."""
+        def forward(ids, positions, plan, sample_rows, b):
+            return self.model.forward(ids, positions, self.attention, plan, sample_rows, num_decodes=b,
+                                      sample_decodes=b)
+
+        return DecodeGraphs(self.attention, self.buffers, forward, self.buffers.seq_lens.shape[0],
+                            self.cache.num_blocks, self.device)
+
+    def _write_host(self, scheduled: list[ScheduledRequest]) -> HostStep:
+        """Write the step's inputs into the host buffers; scheduled is in decodes-first order."""
+        bs = self.block_size
+        npb = self.buffers.np
         ids, positions, slots = npb["input_ids"], npb["positions"], npb["slot_mapping"]
         qsl, lens, table = npb["query_start_loc"], npb["seq_lens"], npb["block_table"]
         row, width, max_len, num_decodes = 0, 1, 0, 0
@@ -157,9 +187,15 @@ class ModelRunner:
             lens[b] = start + n
             width = max(width, len(blocks))
             max_len = max(max_len, start + n)
-        num_seqs, num_tokens = len(scheduled), row
+        return HostStep(len(scheduled), row, num_decodes, width, max_len)
+
+    def _fill(self, scheduled: list[ScheduledRequest], stats_seqs: list[int] | None) -> AttentionMetadata:
+        """Write the step's inputs into the buffers and describe them for the attention backend."""
+        buf = self.buffers
+        step = self._write_host(scheduled)
+        num_seqs, num_tokens, width = step.num_seqs, step.num_tokens, step.width
         return AttentionMetadata(
-            num_decodes=num_decodes, num_tokens=num_tokens, max_seq_len=max_len,
+            num_decodes=step.num_decodes, num_tokens=num_tokens, max_seq_len=step.max_len,
             slot_mapping=buf.to_device("slot_mapping", num_tokens),                      # [T]
             query_start_loc=buf.to_device("query_start_loc", num_seqs + 1),              # [B + 1]
             seq_lens=buf.to_device("seq_lens", num_seqs),                                # [B]
@@ -171,7 +207,32 @@ class ModelRunner:
         # decodes first (stable: arrival order within each kind), as the metadata promises
         scheduled = sorted(batch.scheduled, key=lambda s: s.num_new_tokens != 1)
         samples = [b for b, s in enumerate(scheduled) if s.samples]
-        meta = self._fill(scheduled, samples if compute_stats and samples else None)
+        stats = samples if compute_stats and samples else None
+        graphs = self.graphs
+        if (graphs is not None and not time_attention and len(scheduled) <= graphs.max_batch
+                and all(s.num_new_tokens == 1 for s in scheduled)):
+            logits, telemetry, num_tokens, times = self._replay(graphs, scheduled, samples, stats)
+        else:
+            logits, telemetry, num_tokens, times = self._forward(scheduled, samples, stats, time_attention)
+        rows = [self._sampling_row(scheduled[b].request) for b in samples]
+        constrained = [k for k, b in enumerate(samples) if scheduled[b].request.grammar is not None]
+        allowed = None
+        if constrained:
+            mask = new_bitmask(len(constrained), self.model_config.vocab_size)          # [R, W]
+            for i, k in enumerate(constrained):
+                fill_bitmask(scheduled[samples[k]].request.grammar, mask, i)
+            allowed = (mask, constrained)
+        result = sample(logits.float(), rows, allowed) if rows else None
+        sampled = tuple(
+            SampledToken(scheduled[b].request.request_id, result.token_ids[k], result.logprobs[k],
+                         k if telemetry is not None else None, k in result.nonfinite_rows)
+            for k, b in enumerate(samples))
+        return StepOutput(sampled=sampled, telemetry=telemetry, num_tokens=num_tokens, attention_times=times)
+
+    def _forward(self, scheduled: list[ScheduledRequest], samples: list[int], stats: list[int] | None,
+                 time_attention: bool) -> tuple[torch.Tensor, StepTelemetry | None, int, tuple[float, ...] | None]:
+        """An eager step: logits [S, V] of the sampled rows, their telemetry, T, attention times."""
+        meta = self._fill(scheduled, stats)
         buf = self.buffers
         buf.np["sample_rows"][:len(samples)] = buf.np["query_start_loc"][[b + 1 for b in samples]] - 1
         plan = self.attention.prepare(meta)
@@ -184,21 +245,24 @@ class ModelRunner:
         if out.telemetry is not None:
             keys = meta.seq_lens[meta.stats_seqs_cpu.to(self.device)]                   # [R]
             telemetry = StepTelemetry(out.telemetry, keys)                              # [L, R, H, 4], [R]
-        rows = [self._sampling_row(scheduled[b].request) for b in samples]
-        constrained = [k for k, b in enumerate(samples) if scheduled[b].request.grammar is not None]
-        allowed = None
-        if constrained:
-            mask = new_bitmask(len(constrained), self.model_config.vocab_size)          # [R, W]
-            for i, k in enumerate(constrained):
-                fill_bitmask(scheduled[samples[k]].request.grammar, mask, i)
-            allowed = (mask, constrained)
-        result = sample(out.logits.float(), rows, allowed) if rows else None
-        sampled = tuple(
-            SampledToken(scheduled[b].request.request_id, result.token_ids[k], result.logprobs[k],
-                         k if telemetry is not None else None, k in result.nonfinite_rows)
-            for k, b in enumerate(samples))
-        return StepOutput(sampled=sampled, telemetry=telemetry, num_tokens=meta.num_tokens,
-                          attention_times=out.attention_times)
+        return out.logits, telemetry, meta.num_tokens, out.attention_times
+
+    def _replay(self, graphs: DecodeGraphs, scheduled: list[ScheduledRequest], samples: list[int],
+                stats: list[int] | None) -> tuple[torch.Tensor, StepTelemetry | None, int, None]:
+        """A decode-only step through its bucket's CUDA graph: the same outputs as _forward."""
+        step = self._write_host(scheduled)
+        n = step.num_seqs
+        out = graphs.replay(n, step.width, stats or [])
+        for r in range(n, graphs.bucket(n)):   # padding overwrote these block-table rows
+            self._table_rows[r] = None
+        picked = torch.tensor(samples, device=self.device)                              # [S]
+        logits = out.logits[picked]                                                     # [S, V] a copy
+        telemetry = None
+        if stats is not None:
+            rows = torch.tensor(stats, device=self.device)                              # [R]
+            keys = self.buffers.dev["seq_lens"][rows]                                   # [R]
+            telemetry = StepTelemetry(out.telemetry[:, rows], keys)                     # [L, R, H, 4] a copy
+        return logits, telemetry, n, None
 
     @staticmethod
     def _sampling_row(req: Request) -> SamplingRow:

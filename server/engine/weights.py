@@ -6,6 +6,7 @@ QuantizedTensor (a GGUF Q4_0 / Q4_1 / Q8_0 matrix in its own blocks), and a form
   fp32  F.linear in float32 over the dequantized weight: the exactness reference.
   bf16  F.linear in bfloat16 (activations cast on the way in, the output cast back to float32,
         or left in bfloat16 for the fused layer ops; on a CPU the weight prepacked for oneDNN).
+  fp16  the same in float16 (for GPUs without bfloat16; on a CPU it runs, slowly).
   int8  Q8_0 blocks (a float16 scale per 32 weights): the file's own for a Q8_0 tensor, else
         quantized from the values at load; bfloat16 activations.
   int4  the GGUF's Q4_0 / Q4_1 blocks as they are: w = (q - 8) d or q d + m; bfloat16 activations.
@@ -18,7 +19,9 @@ _weight_int4pack_mm_for_cpu (group 32, scale = d and zero = m + 8 d rounded to b
 2^-9 relative), int8 on _weight_int8pack_mm (one symmetric scale per output row, re-quantized from
 the values: not exact for Q8_0).
 
-auto picks per tensor the closest fast format to the file's own: Q4_0 / Q4_1 -> int4, Q8_0 ->
+On CUDA the precision comes from --dtype (format_for_dtype): auto is bf16 where the GPU has
+bfloat16, else fp16; the int formats are CPU kernels. On a CPU, auto picks per tensor the
+closest fast format to the file's own: Q4_0 / Q4_1 -> int4, Q8_0 ->
 int8, float16 / bfloat16 -> bf16, float32 and every other GGUF type (dequantized by the loader)
 -> fp32. An explicit int4 needs Q4_0 / Q4_1 blocks (anything else is an error naming the tensor
 and its type); int8, bf16 and fp32 take any source. The quantized kernels are CPU kernels, and
@@ -160,10 +163,31 @@ def resolve_format(requested: str, w: torch.Tensor | QuantizedTensor, name: str,
     return requested
 
 
+DTYPE_FORMATS = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def format_for_dtype(dtype: str, weight_format: str, device: torch.device) -> str:
+    """The weight format to ask for, given --dtype and --weight-format: a named dtype sets the
+    format (a different explicit format is an error); auto leaves it to weight_format, except that
+    on CUDA auto/auto is bf16 where the GPU has bfloat16, else fp16."""
+    if dtype == "auto":
+        if device.type == "cuda" and weight_format == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return weight_format
+    if dtype not in DTYPE_FORMATS:
+        raise WeightFormatError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(DTYPE_FORMATS)}")
+    fmt = DTYPE_FORMATS[dtype]
+    if weight_format not in ("auto", fmt):
+        raise WeightFormatError(f"dtype {dtype} runs {fmt} weights, which conflicts with weight format "
+                                f"{weight_format}; give one of them")
+    return fmt
+
+
 class Fp32Linear:
     """F.linear in float32: the reference."""
 
     format = "fp32"
+    act_dtype = torch.float32               # what the input is cast to
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.weight = weight                    # [out, in] float32
@@ -197,11 +221,12 @@ class Bf16Linear:
     GEMM's own bfloat16 output when the caller takes it (keep_bf16, no bias: the same values)."""
 
     format = "bf16"
+    act_dtype = torch.bfloat16
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        weight = weight.to(torch.bfloat16).contiguous()                               # [out, in]
+        weight = weight.to(self.act_dtype).contiguous()                               # [out, in]
         self.out_features = weight.shape[0]
-        self.packed = prepack_bf16(weight)                                            # [out, in] opaque or None
+        self.packed = prepack_bf16(weight) if self.act_dtype == torch.bfloat16 else None  # [out, in] opaque or None
         self.weight = weight if self.packed is None else None                         # [out, in] or None
         self.bias = bias                                                              # [out] float32 or None
 
@@ -213,7 +238,7 @@ class Bf16Linear:
                  out: torch.Tensor | None = None, keep_bf16: bool = False) -> torch.Tensor:
         """[T, in] -> float32 [T, out] (bfloat16 with keep_bf16 and no bias); written into out
         (float32 [T, out]) when given."""
-        xb = x.to(torch.bfloat16).contiguous()                                        # [T, in]
+        xb = x.to(self.act_dtype).contiguous()                                        # [T, in]
         if self.packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(xb, self.packed, None, "none", [], "")  # [T, out] bf16
         else:
@@ -227,12 +252,20 @@ class Bf16Linear:
         return y if self.bias is None else y + self.bias
 
 
+class Fp16Linear(Bf16Linear):
+    """Bf16Linear in float16 (keep_bf16 keeps the GEMM's float16 output)."""
+
+    format = "fp16"
+    act_dtype = torch.float16
+
+
 class Int8Linear:
     """Weight-only int8; bfloat16 activations. With our kernel (quant_matmul.py): Q8_0 blocks,
     the file's own when it has them, else quantized here with a scale per 32 weights. Without it:
     torch's kernel with one symmetric scale per output row, re-quantized from the values."""
 
     format = "int8"
+    act_dtype = torch.bfloat16
 
     def __init__(self, w: torch.Tensor | QuantizedTensor, bias: torch.Tensor | None,
                  prefill: Bf16Linear | None = None, kernel: QuantMatmul | None = None,
@@ -267,6 +300,7 @@ class Int4Linear:
     bfloat16)."""
 
     format = "int4"
+    act_dtype = torch.bfloat16
 
     def __init__(self, w: QuantizedTensor, bias: torch.Tensor | None, prefill: Bf16Linear | None = None,
                  kernel: QuantMatmul | None = None, arena: Arena | None = None) -> None:
@@ -303,7 +337,7 @@ class Int4Linear:
         return into(y if self.bias is None else y + self.bias, out)
 
 
-Linear = Fp32Linear | Bf16Linear | Int8Linear | Int4Linear
+Linear = Fp32Linear | Bf16Linear | Fp16Linear | Int8Linear | Int4Linear
 
 
 def into(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -345,6 +379,8 @@ def make_linear(w: torch.Tensor | QuantizedTensor, bias: torch.Tensor | None, fm
     values = dense(w).to(device)                                                     # [out, in]
     if fmt == "bf16":
         return Bf16Linear(values, bias)
+    if fmt == "fp16":
+        return Fp16Linear(values, bias)
     if fmt == "fp32":
         return Fp32Linear(values.contiguous(), bias)
     raise WeightFormatError(f"unknown weight format {fmt!r}")

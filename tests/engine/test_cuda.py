@@ -1,6 +1,9 @@
 """The engine on a CUDA device (skipped without one): greedy tokens against transformers on the
-same GPU, batched against solo, telemetry against float64 math, per-head accumulators against the
-CPU engine, and the sampled per-layer attention time through CUDA events."""
+same GPU (float32, decode steps through CUDA graphs; a random model of the default model's shape
+too), batched against solo with graphs on, graphs against --enforce-eager, the bfloat16 default
+(--dtype auto: Triton layer ops, a bfloat16 cache) against float32, telemetry against float64
+math, per-head accumulators against the CPU engine, and the sampled per-layer attention time
+through CUDA events."""
 
 from __future__ import annotations
 
@@ -23,16 +26,30 @@ PROMPTS = ["The capital of France is", "Attention heads", "Hello world! 1 2 3", 
            "some attend to the first token", "héllo wörld", "look back over the context window", "Rome"]
 
 
-def engine_on(device: str, path: str, **telemetry) -> Engine:
-    return Engine(EngineConfig(model=path, device=device, cache=CacheConfig(num_blocks=256),
+def engine_on(device: str, path: str, dtype: str = "float32", eager: bool = False, **telemetry) -> Engine:
+    return Engine(EngineConfig(model=path, device=device, dtype=dtype if device != "cpu" else "auto",
+                               enforce_eager=eager, cache=CacheConfig(num_blocks=256),
                                scheduler=SchedulerConfig(max_model_len=1024), telemetry=TelemetryConfig(**telemetry)))
 
 
-def test_greedy_matches_transformers_on_the_gpu(tiny_llama_dir):
+@pytest.fixture(scope="module")
+def smollm2_shaped_dir(tmp_path_factory):
+    """A random model of SmolLM2-135M's shape (no weights travel to a GPU machine)."""
+    from benchmarks.bench_gpu import SMOLLM2_135M, random_llama
+
+    path = str(tmp_path_factory.mktemp("smollm2-shaped"))
+    random_llama(path, **SMOLLM2_135M)
+    return path
+
+
+@pytest.mark.parametrize("model", ["tiny", "smollm2_shaped"])
+def test_greedy_matches_transformers_on_the_gpu(model, tiny_llama_dir, request):
     from transformers import AutoModelForCausalLM
 
-    engine = engine_on("cuda", tiny_llama_dir)
-    ref = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32,
+    path = tiny_llama_dir if model == "tiny" else request.getfixturevalue("smollm2_shaped_dir")
+    engine = engine_on("cuda", path)
+    assert engine.runner.graphs is not None
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                attn_implementation="eager").cuda().eval()
     for prompt in PROMPTS[:3]:
         ids = engine.tokenize(prompt)
@@ -41,6 +58,31 @@ def test_greedy_matches_transformers_on_the_gpu(tiny_llama_dir):
             want = ref.generate(torch.tensor([ids], device="cuda"), max_new_tokens=40, do_sample=False,
                                 eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
         assert list(done.token_ids) == want
+
+
+def test_graphs_give_the_eager_tokens_and_telemetry(tiny_llama_dir):
+    graphed, eager = engine_on("cuda", tiny_llama_dir, "auto"), engine_on("cuda", tiny_llama_dir, "auto", eager=True)
+    assert graphed.runner.graphs is not None and eager.runner.graphs is None
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, head_telemetry=True)
+    for a, b in zip(graphed.generate(PROMPTS[:5], params), eager.generate(PROMPTS[:5], params)):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x - y) for ra, rb in zip(a.head_telemetry.entropy, b.head_telemetry.entropy)
+                   for x, y in zip(ra, rb)) < 1e-3
+
+
+def test_bfloat16_default_tracks_float32(tiny_llama_dir):
+    """--dtype auto on a GPU with bfloat16: bf16 weights and activations through the Triton layer
+    ops, a bf16 cache; the first token's logprobs stay within bf16 rounding of float32's."""
+    half, full = engine_on("cuda", tiny_llama_dir, "auto"), engine_on("cuda", tiny_llama_dir, "float32")
+    model = half.runner.model
+    assert model.activation_dtype == torch.bfloat16 and model.layer_ops is not None
+    assert half.runner.cache.dtype == torch.bfloat16
+    params = SamplingParams(max_tokens=1, temperature=0, logprobs=5)
+    for prompt in PROMPTS:
+        a, b = half.generate([prompt], params)[0], full.generate([prompt], params)[0]
+        la, lb = dict(a.logprobs[0].top), dict(b.logprobs[0].top)
+        shared = la.keys() & lb.keys()
+        assert len(shared) >= 3 and max(abs(la[t] - lb[t]) for t in shared) < 0.1
 
 
 def test_batched_equals_solo_and_cpu(tiny_llama_dir):

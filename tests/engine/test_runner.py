@@ -73,5 +73,28 @@ def test_kv_cache_dtype_follows_the_activations_unless_named(requested, model, w
 
 
 def test_an_unknown_kv_cache_dtype_is_refused():
-    with pytest.raises(ValueError, match="KV cache dtype must be one of auto, float32, bfloat16, got 'fp8'"):
+    with pytest.raises(ValueError, match="KV cache dtype must be one of auto, float32, bfloat16, float16, got 'fp8'"):
         CacheConfig(dtype="fp8")
+
+
+@pytest.mark.parametrize("dtype, fmt, want", [
+    ("bfloat16", "auto", torch.bfloat16), ("float16", "fp16", torch.float16), ("float32", "auto", torch.float32)])
+def test_dtype_sets_the_projections_and_the_cache(dtype, fmt, want, tiny_llama_dir):
+    """--dtype names the projections' weight and activation dtype (on a CPU too); the cache
+    follows on CUDA only (on a CPU auto stays float32 unless every projection takes bfloat16)."""
+    engine = Engine(EngineConfig(model=tiny_llama_dir, dtype=dtype, weight_format=fmt,
+                                 cache=CacheConfig(num_blocks=32), scheduler=SchedulerConfig(max_model_len=128)))
+    model = engine.runner.model
+    assert model.activation_dtype == want
+    assert all(lin.act_dtype == want for layer in model.layers for lin in (layer.qkv, layer.down))
+    assert engine.runner.cache.dtype == (torch.bfloat16 if want == torch.bfloat16 else torch.float32)
+    out = engine.generate(["Hello world"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 4
+
+
+def test_a_dtype_that_contradicts_the_weight_format_is_refused(tiny_llama_dir):
+    with pytest.raises(ValueError, match="dtype float16 runs fp16 weights, which conflicts with weight format bf16"):
+        Engine(EngineConfig(model=tiny_llama_dir, dtype="float16", weight_format="bf16",
+                            cache=CacheConfig(num_blocks=32), scheduler=SchedulerConfig(max_model_len=128)))
+    with pytest.raises(ValueError, match="dtype must be one of auto, bfloat16, float16, float32, got 'fp8'"):
+        EngineConfig(dtype="fp8")

@@ -44,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from server.engine.triton_layer_ops import narrow
+
 MASK_M = tl.constexpr(-1.0e30)  # the running max before any key: finite, so (m - m') * l is 0, never NaN
 
 
@@ -176,6 +178,47 @@ def decode_reduce_kernel(
         tl.store(ACC + (b * H + h) * A + zero, big_l)
         tl.store(ACC + (b * H + h) * A + 1 + zero, big_t)
         tl.store(ACC + (b * H + h) * A + 2 + offs_c, big_c, mask=c_mask)
+
+
+@triton.jit
+def store_kv_kernel(K, V, SLOTS, K_CACHE, V_CACHE, stride_kt, stride_kh, stride_vt, stride_vh,
+                    KVH: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                    SOFT_ROUND: tl.constexpr):
+    """Grid (tokens,): token t's K [KVH, D] and V into cache slot SLOTS[t] of K_CACHE, V_CACHE
+    [slots, KVH, D] (contiguous), rounded to the cache's dtype; a slot < 0 is skipped (a padded
+    row of a CUDA graph's batch, vLLM's convention). SOFT_ROUND: a bfloat16 cache under the
+    interpreter, which truncates in .to(bfloat16) (triton_layer_ops.narrow); a GPU rounds to
+    nearest even, as torch does."""
+    t = tl.program_id(0)
+    slot = tl.load(SLOTS + t).to(tl.int64)
+    if slot >= 0:
+        offs_h = tl.arange(0, BLOCK_H)                                           # [BH]
+        offs_d = tl.arange(0, BLOCK_D)                                           # [BD]
+        mask = (offs_h[:, None] < KVH) & (offs_d[None, :] < D)                   # [BH, BD]
+        dst = slot * (KVH * D) + offs_h[:, None] * D + offs_d[None, :]           # [BH, BD]
+        k = tl.load(K + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)  # [BH, BD]
+        v = tl.load(V + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)  # [BH, BD]
+        tl.store(K_CACHE + dst, narrow(k.to(tl.float32), K_CACHE.dtype.element_ty, SOFT_ROUND), mask=mask)
+        tl.store(V_CACHE + dst, narrow(v.to(tl.float32), V_CACHE.dtype.element_ty, SOFT_ROUND), mask=mask)
+
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write new tokens' K/V into one layer's paged cache in one launch (KVCache.write's job):
+    k, v [T, KVH, D] (last dim contiguous, any float dtype); k_cache, v_cache [blocks, bs, KVH, D]
+    contiguous; slot_mapping [T] int64, where a slot < 0 writes nothing."""
+    t, kvh, d = k.shape
+    if v.shape != k.shape or k_cache.shape[2:] != (kvh, d) or v_cache.shape != k_cache.shape:
+        raise ValueError(f"store_kv: k {tuple(k.shape)}, v {tuple(v.shape)} do not fit caches {tuple(k_cache.shape)}")
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("store_kv: k and v need a contiguous last dim and the caches must be contiguous")
+    if t == 0:
+        return
+    store_kv_kernel[(t,)](k, v, slot_mapping, k_cache, v_cache, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                          KVH=kvh, D=d, BLOCK_H=triton.next_power_of_2(kvh), BLOCK_D=triton.next_power_of_2(d),
+                          SOFT_ROUND=k_cache.dtype == torch.bfloat16 and interpreted(),
+                          num_warps=1)
 
 
 @dataclass(frozen=True)

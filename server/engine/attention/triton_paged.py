@@ -102,7 +102,7 @@ class TritonPagedBackend:
         self.cache = cache
         self.sink_tokens = sink_tokens
         self.scale = 1.0 / math.sqrt(k0.shape[-1])
-        n = max_positions or cache.num_blocks * cache.block_size
+        n = self.max_positions = max_positions or cache.num_blocks * cache.block_size
         self.kernel_weights = key_weights(n, sink_tokens, k0.device, torch.float32)  # [P, 2] (decode kernel)
         self.key_weights = (self.kernel_weights if k0.dtype == torch.float32
                             else key_weights(n, sink_tokens, k0.device, k0.dtype))   # [P, 2] (prefill rows)
@@ -127,6 +127,20 @@ class TritonPagedBackend:
         decode = self._decode_rows(meta, stats) if bd else None
         return TritonPlan(meta.slot_mapping, bd, decode, prefill_spans(meta, stats, self.block_offsets))
 
+    def graph_plan(self, slot_mapping: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+                   flags: torch.Tensor) -> TritonPlan:
+        """A decode-only plan over persistent buffers, for a CUDA graph (cuda_graphs.py): slot_mapping
+        [B] int64 (< 0: a padded row, nothing written), seq_lens [B] int32 (>= 1), block_table [B, W]
+        int32 (W covering the longest possible row), flags [B] int32 (1: the row computes
+        telemetry). The launches do not depend on the step: every row's accumulators are returned
+        (only flagged rows' are written) and the splits are those of the longest possible row, so
+        one graph replays for any step of B decode rows, sampled or not. A row's output is the
+        same bits as in an eager step (a single split through the reduce is exact)."""
+        splits = self.kernels.num_splits(self.max_positions, self.tiles)
+        rows = DecodeRows(table=block_table, lens=seq_lens, flags=flags, want_stats=True, stats_rows=None,
+                          num_splits=splits)
+        return TritonPlan(slot_mapping, seq_lens.shape[0], rows, ())
+
     def _decode_rows(self, meta: AttentionMetadata, stats: list[int]) -> DecodeRows:
         """Block tables, lengths and telemetry flags of the decode rows; stats: the sequences
         whose last row computes telemetry (decodes and prefills)."""
@@ -150,7 +164,9 @@ class TritonPagedBackend:
         step, accumulators [R, H, NUM_ACCUMULATORS] (fp32) in AttentionMetadata.stats_seqs_cpu order.
         """
         cache = self.cache
-        cache.write(layer, plan.slot_mapping, k, v)
+        k = k if k.stride(-1) == 1 else k.contiguous()                   # [T, KVH, D]
+        v = v if v.stride(-1) == 1 else v.contiguous()                   # [T, KVH, D]
+        self.kernels.store_kv(k, v, cache.k[layer], cache.v[layer], plan.slot_mapping)
         out = torch.empty_like(q)                                        # [T, H, D]
         parts: list[torch.Tensor] = []
         rows = plan.decode

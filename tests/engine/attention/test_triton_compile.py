@@ -1,4 +1,4 @@
-"""The Triton kernels compile for a CUDA GPU without one: Triton's compiler lowers them to PTX and
+"""The Triton kernels (attention, the K/V store, the layer ops) compile for a CUDA GPU without one: Triton's compiler lowers them to PTX and
 its bundled ptxas to a cubin for sm_90 (H100 / H200), for fp32, bf16 and fp16 caches, with and
 without split-K. The interpreter (test_triton_paged.py) accepts code a GPU compile rejects (a
 non-constexpr global, a dot shape under 16), so this catches what it cannot. Runs in a subprocess
@@ -19,6 +19,7 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from server.engine import triton_layer_ops as tlo
 from server.engine.attention import triton_kernels as tk
 
 def compile_kernel(fn, pointers, scalars, consts, num_warps):
@@ -38,6 +39,29 @@ for dt in ("fp32", "bf16", "fp16"):
         assert k.asm["cubin"], (dt, direct)
     k = compile_kernel(tk.decode_reduce_kernel, io, {}, dict(H=9, D=64, C=2, S=4, BLOCK_D=64, BLOCK_C=2), 1)
     assert k.asm["cubin"], dt
+    for src in ("fp32", "bf16"):
+        k = compile_kernel(tk.store_kv_kernel, dict(K=src, V=src, SLOTS="i64", K_CACHE=dt, V_CACHE=dt), {},
+                           dict(KVH=3, D=64, BLOCK_H=4, BLOCK_D=64, SOFT_ROUND=False), 1)
+        assert k.asm["cubin"], (src, dt)
+
+# the layer ops (server/engine/triton_layer_ops.py) at SmolLM2-135M's widths and Llama-3.2-1B's
+for dt in ("bf16", "fp16"):
+    for y in ("fp32", dt):
+        for add in (True, False):
+            for c, block in ((576, 1024), (2048, 2048)):
+                k = compile_kernel(tlo.rms_norm_kernel, dict(X="fp32", Y=y, W="fp32", OUT=dt), {"eps": "fp32"},
+                                   dict(C=c, BLOCK_C=block, ADD=add, SOFT_ROUND=False), tlo.num_warps(block))
+                assert k.asm["cubin"], (dt, y, add, c)
+    for i, block in ((1536, 2048), (8192, 4096)):
+        k = compile_kernel(tlo.silu_mul_kernel, dict(GU=dt, OUT=dt), {}, dict(I=i, BLOCK_I=block, SOFT_ROUND=False),
+                           tlo.num_warps(block))
+        assert k.asm["cubin"], (dt, i)
+    for h, kvh, d in ((9, 3, 64), (32, 8, 64)):
+        bh, bf = triton.next_power_of_2(h + kvh), triton.next_power_of_2(d // 2)
+        k = compile_kernel(tlo.qkv_rope_kernel, dict(QKV=dt, COS="fp32", SIN="fp32", Q=dt, K=dt, V=dt), {},
+                           dict(H=h, KVH=kvh, D=d, BLOCK_HEADS=bh, BLOCK_HALF=bf,
+                                BLOCK_V=triton.next_power_of_2(kvh * d), SOFT_ROUND=False), tlo.num_warps(bh * bf))
+        assert k.asm["cubin"], (dt, h)
 print("compiled")
 """
 

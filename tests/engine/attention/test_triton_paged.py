@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from server.config import ModelConfig
 from server.engine.attention import build_backend
 from server.engine.attention.torch_ref import attend
 from server.engine.kv_cache import KVCache
@@ -251,3 +252,26 @@ def test_engine_generates_the_same_tokens_and_telemetry_as_torch(kern, dev, tiny
     # the C++ backend's same check (test_cpu_paged.py): kernels' rounding moves bfloat16 roundings
     assert_engine_matches_torch(tiny_llama_dir, "triton", prompts, max_tokens=12, device=str(dev),
                                 kv_cache_dtype="bfloat16", tol=1e-4)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_is_cache_write_and_skips_negative_slots(kern, dev, cache_dtype, src_dtype):
+    """One launch writes what KVCache.write writes (rounded to nearest even, as torch casts),
+    from strided K/V views (a qkv split), and nothing where the slot is -1 (a graph's padded row)."""
+    g = torch.Generator().manual_seed(7)
+    qkv = (torch.randn(12, 9 + 3 + 3, 24, generator=g) * 3).to(src_dtype)        # [T, H + 2 KVH, D]
+    k, v = qkv[:, 9:12], qkv[:, 12:]                                             # [T, KVH, D] views
+    slots = torch.randperm(5 * 4, generator=g)[:12]                              # [T]
+    slots[[2, 7]] = -1
+    mc = ModelConfig(name="t", architecture="llama", vocab_size=10, hidden_size=9 * 24, intermediate_size=8,
+                     num_layers=1, num_heads=9, num_kv_heads=3, head_dim=24, max_position_embeddings=64)
+    got = KVCache.allocate(mc, 5, 4, dev, cache_dtype)
+    want = KVCache.allocate(mc, 5, 4, "cpu", cache_dtype)
+    for c in (got, want):
+        for t in c.k + c.v:
+            t.zero_()
+    kern.store_kv(*on(dev, k, v), got.k[0], got.v[0], slots.to(dev))
+    keep = slots >= 0
+    want.write(0, slots[keep], k[keep], v[keep])
+    assert torch.equal(got.k[0].cpu(), want.k[0]) and torch.equal(got.v[0].cpu(), want.v[0])
