@@ -16,9 +16,9 @@ import torch
 
 
 def _interpret_triton_kernels() -> None:
-    """Without CUDA, import triton and headwise's Triton kernels in Triton's CPU interpreter, for
-    tests/engine/attention/test_triton_paged.py. The interpreter is chosen when triton is first
-    imported (transformers imports it), so here, before any test module; TRITON_INTERPRET is set
+    """Without CUDA, import triton and headwise's Triton kernels (attention, prefill, and through
+    them the layer ops) in Triton's CPU interpreter, for the tests of the Triton paths. The
+    interpreter is chosen when triton is first imported (transformers imports it), so here, before any test module; TRITON_INTERPRET is set
     only for these imports, so nothing else (subprocesses included) sees it."""
     if torch.cuda.is_available() or "triton" in sys.modules or importlib.util.find_spec("triton") is None:
         return
@@ -26,6 +26,7 @@ def _interpret_triton_kernels() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         import server.engine.attention.triton_kernels  # noqa: F401
+        import server.engine.attention.triton_prefill  # noqa: F401
     finally:
         if before is None:
             del os.environ["TRITON_INTERPRET"]

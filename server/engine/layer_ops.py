@@ -57,15 +57,3 @@ def load_layer_ops() -> LayerOps | None:
                    reason)
     return None
 
-
-@functools.cache
-def load_gpu_layer_ops(dtype) -> LayerOps | None:
-    """The Triton implementation (triton_layer_ops.py) for activations of dtype (bfloat16 or
-    float16); never raises. None, with one warning, where triton cannot be imported."""
-    try:
-        from server.engine.triton_layer_ops import triton_layer_ops
-    except Exception as exc:  # triton missing or broken: torch ops instead
-        logger.warning("headwise: the fused Triton layer ops are unavailable (%s: %s); the model runs them as torch ops",
-                       type(exc).__name__, exc)
-        return None
-    return triton_layer_ops(dtype)

@@ -14,6 +14,7 @@ tests), gpt-fast model.py, Llama 3.1 RoPE scaling.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -24,11 +25,25 @@ from typing import TYPE_CHECKING, Any
 
 from server.config import ModelConfig, RopeScaling
 from server.engine.timing import LayerTimer
-from server.engine.layer_ops import LayerOps, load_gpu_layer_ops, load_layer_ops
+from server.engine.layer_ops import LayerOps, load_layer_ops
 from server.engine.weights import Embedding, Linear, WeightSource
 
 if TYPE_CHECKING:
     from server.engine.attention import AttentionBackend
+
+logger = logging.getLogger(__name__)
+
+
+def load_gpu_layer_ops(dtype: torch.dtype) -> LayerOps | None:
+    """The Triton layer ops (triton_layer_ops.py) for dtype activations, or None, with a warning,
+    where triton cannot be imported (the model then runs torch ops)."""
+    try:
+        from server.engine.triton_layer_ops import triton_layer_ops
+    except Exception as exc:  # triton missing or broken
+        logger.warning("headwise: the fused Triton layer ops are unavailable (%s: %s); the model runs torch ops",
+                       type(exc).__name__, exc)
+        return None
+    return triton_layer_ops(dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -18,10 +18,8 @@ SiLU takes its sigmoid from e = exp(-|g|) <= 1 (as csrc/layer_ops.cpp does), so 
 overflows: sigmoid(g) = 1 / (1 + e) for g >= 0, e / (1 + e) otherwise. The norm's square root and
 divisions are the IEEE ones (sqrt_rn, div_rn), not the approximate defaults.
 
-Triton 3.9's interpreter (TRITON_INTERPRET=1, the CPU tests) truncates a float32 -> bfloat16 cast
-instead of rounding it to nearest even, so there (SOFT_ROUND) bfloat16 results are rounded with
-integer ops instead; on a GPU the cast itself rounds to nearest even (cvt.rn.bf16.f32). Its
-float16 casts round correctly.
+Results are narrowed through triton_numerics.narrow (SOFT_ROUND: bfloat16 rounded to nearest even
+with integer ops under Triton's interpreter, which truncates; a GPU's cast rounds).
 
 References: Zhang & Sennrich 2019 (RMSNorm), Shazeer 2020 (GLU variants: SwiGLU), Su et al. 2021
 (RoFormer: rotary embeddings; the rotate-half layout of model.py's rope_tables / apply_rope),
@@ -38,29 +36,11 @@ import triton
 import triton.language as tl
 
 from server.engine.layer_ops import LayerOps
+from server.engine.triton_numerics import narrow
 
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SILU_BLOCK_MAX = 4096  # columns per silu_mul program: wider rows take several tiles
-
-
-@triton.jit
-def rne_bfloat16(x):
-    """float32 x -> bfloat16 rounded to nearest even with integer ops (NaN stays NaN)."""
-    bits = x.to(tl.uint32, bitcast=True)                                         # [...]
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16                         # [...] carries into the exponent
-    rounded = tl.where(x != x, 0x7FC0, rounded)                                  # [...] a quiet NaN
-    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)                   # [...]
-
-
-@triton.jit
-def narrow(x, ty: tl.constexpr, SOFT_ROUND: tl.constexpr):
-    """float32 x -> ty rounded to nearest even (SOFT_ROUND: ty is bfloat16 under the interpreter)."""
-    if SOFT_ROUND:
-        y = rne_bfloat16(x)
-    else:
-        y = x.to(ty)
-    return y
 
 
 @triton.jit

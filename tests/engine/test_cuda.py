@@ -61,13 +61,13 @@ def test_greedy_matches_transformers_on_the_gpu(model, tiny_llama_dir, request):
 
 
 def test_graphs_give_the_eager_tokens_and_telemetry(tiny_llama_dir):
-    graphed, eager = engine_on("cuda", tiny_llama_dir, "auto"), engine_on("cuda", tiny_llama_dir, "auto", eager=True)
+    graphed, eager = engine_on("cuda", tiny_llama_dir), engine_on("cuda", tiny_llama_dir, eager=True)
     assert graphed.runner.graphs is not None and eager.runner.graphs is None
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, head_telemetry=True)
     for a, b in zip(graphed.generate(PROMPTS[:5], params), eager.generate(PROMPTS[:5], params)):
         assert a.token_ids == b.token_ids
         assert max(abs(x - y) for ra, rb in zip(a.head_telemetry.entropy, b.head_telemetry.entropy)
-                   for x, y in zip(ra, rb)) < 1e-3
+                   for x, y in zip(ra, rb)) < 1e-4
 
 
 def test_bfloat16_default_tracks_float32(tiny_llama_dir):
@@ -82,7 +82,7 @@ def test_bfloat16_default_tracks_float32(tiny_llama_dir):
         a, b = half.generate([prompt], params)[0], full.generate([prompt], params)[0]
         la, lb = dict(a.logprobs[0].top), dict(b.logprobs[0].top)
         shared = la.keys() & lb.keys()
-        assert len(shared) >= 3 and max(abs(la[t] - lb[t]) for t in shared) < 0.1
+        assert b.token_ids[0] in la and max(abs(la[t] - lb[t]) for t in shared) < 0.1
 
 
 def test_batched_equals_solo_and_cpu(tiny_llama_dir):

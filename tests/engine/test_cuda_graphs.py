@@ -15,7 +15,6 @@ from server.config import CacheConfig, EngineConfig, SchedulerConfig, TelemetryC
 from server.engine.cuda_graphs import buckets_for
 from server.engine.engine import Engine
 from server.engine.request import SamplingParams
-from tests.engine.attention.test_triton_paged import dev, kern  # noqa: F401 (fixtures)
 
 PROMPTS = ["The capital of France is", "Hello world! 1 2 3", "A", "look back over the context window",
            "some attend to the first token"]
@@ -40,12 +39,12 @@ def engine(path: str, device: torch.device, graphs: bool, **telemetry) -> Engine
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sample_rate", [1.0, 0.5])
-def test_graphed_decode_matches_eager(kern, dev, tiny_llama_dir, sample_rate):  # noqa: F811
+def test_graphed_decode_matches_eager(triton_dev, tiny_llama_dir, sample_rate):
     """Same tokens and per-request telemetry as eager steps, over batches padded to their bucket
     (5 sequences -> bucket 8, then fewer as they finish), with telemetry on every step or on
     some (one graph serves both); padded rows never write the cache."""
-    graphed = engine(tiny_llama_dir, dev, True, sample_rate=sample_rate)
-    eager = engine(tiny_llama_dir, dev, False, sample_rate=sample_rate)
+    graphed = engine(tiny_llama_dir, triton_dev, True, sample_rate=sample_rate)
+    eager = engine(tiny_llama_dir, triton_dev, False, sample_rate=sample_rate)
     replays = []
     real_replay = graphed.runner.graphs.replay
     graphed.runner.graphs.replay = lambda n, width, stats: replays.append((n, len(stats))) or real_replay(n, width, stats)

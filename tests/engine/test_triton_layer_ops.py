@@ -5,10 +5,10 @@ tiles; D = 64 and 24), bfloat16 and float16 activations, float32 / bfloat16 / fl
 add_rms_norm's in-place float32 add bit for bit, rounding to nearest even, batch invariance
 (a row alone gives the bits it gets among nine) and the ValueErrors of bad inputs.
 
-Without CUDA they run in Triton's CPU interpreter: tests/conftest.py imports triton under
-TRITON_INTERPRET=1 before any test module, and the `tlo` fixture imports the module (or reloads
-it, if something imported it earlier without the variable) with TRITON_INTERPRET=1 set. With
-CUDA they run the compiled kernels on the GPU."""
+Without CUDA they run in Triton's CPU interpreter (tests/conftest.py imports the kernels under
+TRITON_INTERPRET=1 before any test module; the `tlo` fixture reloads the module if something
+imported it earlier without the variable). With CUDA they run the compiled kernels on the GPU.
+The last test runs the engine on these ops in place of the C++ ones."""
 
 from __future__ import annotations
 
@@ -29,29 +29,20 @@ EPS = 1e-5
 
 
 @pytest.fixture(scope="module")
-def tlo():
+def tlo(triton_dev):
     """server.engine.triton_layer_ops, built by the interpreter where the attention kernels are
-    (no CUDA), with TRITON_INTERPRET=1 set while this module's tests run."""
+    (no CUDA): reloaded if something imported it earlier without TRITON_INTERPRET."""
     from server.engine.attention import triton_kernels
 
-    with pytest.MonkeyPatch.context() as mp:
-        if triton_kernels.interpreted():
-            mp.setenv("TRITON_INTERPRET", "1")
-        mod = importlib.import_module("server.engine.triton_layer_ops")
-        if triton_kernels.interpreted() and not mod.interpreted():
-            mod = importlib.reload(mod)  # imported before without TRITON_INTERPRET: rebuild the kernels
-        yield mod
+    mod = importlib.import_module("server.engine.triton_layer_ops")
+    if triton_kernels.interpreted() and not mod.interpreted():
+        mod = importlib.reload(mod)  # rebuild the kernels in the interpreter
+    return mod
 
 
 @pytest.fixture(scope="module")
-def dev(tlo) -> torch.device:
-    """cpu under the interpreter, else cuda."""
-    if tlo.interpreted():
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    pytest.skip("the Triton kernels need CUDA, or Triton's interpreter chosen before triton is first "
-                "imported (tests/conftest.py does that where there is no CUDA)")
+def dev(triton_dev: torch.device) -> torch.device:
+    return triton_dev
 
 
 def gen(seed: int) -> torch.Generator:

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from server.engine.triton_layer_ops import narrow
+from server.engine.triton_numerics import narrow
 
 MASK_M = tl.constexpr(-1.0e30)  # the running max before any key: finite, so (m - m') * l is 0, never NaN
 
@@ -187,7 +187,7 @@ def store_kv_kernel(K, V, SLOTS, K_CACHE, V_CACHE, stride_kt, stride_kh, stride_
     """Grid (tokens,): token t's K [KVH, D] and V into cache slot SLOTS[t] of K_CACHE, V_CACHE
     [slots, KVH, D] (contiguous), rounded to the cache's dtype; a slot < 0 is skipped (a padded
     row of a CUDA graph's batch, vLLM's convention). SOFT_ROUND: a bfloat16 cache under the
-    interpreter, which truncates in .to(bfloat16) (triton_layer_ops.narrow); a GPU rounds to
+    interpreter, which truncates in .to(bfloat16) (triton_numerics.py); a GPU rounds to
     nearest even, as torch does."""
     t = tl.program_id(0)
     slot = tl.load(SLOTS + t).to(tl.int64)

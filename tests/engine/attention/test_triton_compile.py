@@ -1,4 +1,4 @@
-"""The Triton kernels (attention, the K/V store, the layer ops) compile for a CUDA GPU without one: Triton's compiler lowers them to PTX and
+"""The Triton kernels (decode and prefill attention, the K/V store, the layer ops) compile for a CUDA GPU without one: Triton's compiler lowers them to PTX and
 its bundled ptxas to a cubin for sm_90 (H100 / H200), for fp32, bf16 and fp16 caches, with and
 without split-K. The interpreter (test_triton_paged.py) accepts code a GPU compile rejects (a
 non-constexpr global, a dot shape under 16), so this catches what it cannot. Runs in a subprocess
@@ -21,6 +21,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from server.engine import triton_layer_ops as tlo
 from server.engine.attention import triton_kernels as tk
+from server.engine.attention import triton_prefill as tp
 
 def compile_kernel(fn, pointers, scalars, consts, num_warps):
     names = fn.arg_names
@@ -43,6 +44,14 @@ for dt in ("fp32", "bf16", "fp16"):
         k = compile_kernel(tk.store_kv_kernel, dict(K=src, V=src, SLOTS="i64", K_CACHE=dt, V_CACHE=dt), {},
                            dict(KVH=3, D=64, BLOCK_H=4, BLOCK_D=64, SOFT_ROUND=False), 1)
         assert k.asm["cubin"], (src, dt)
+
+# the prefill kernel (attention/triton_prefill.py), its production tiles
+for dt in ("fp32", "bf16", "fp16"):
+    io = dict(Q=dt, K=dt, V=dt, OUT=dt, TABLE="i32", QSTART="i32", LENS="i32")
+    consts = dict(G=3, D=64, BS=16, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64,
+                  PRECISION="ieee" if dt == "fp32" else "tf32", UPCAST=False)
+    k = compile_kernel(tp.prefill_kernel, io, {"qk_scale": "fp32"}, consts, 4)
+    assert k.asm["cubin"], dt
 
 # the layer ops (server/engine/triton_layer_ops.py) at SmolLM2-135M's widths and Llama-3.2-1B's
 for dt in ("bf16", "fp16"):
