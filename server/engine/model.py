@@ -196,17 +196,17 @@ class LlamaModel:
                              attention_times=timer.seconds() if timer is not None else None)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """RMSNorm of x [T, C]: bfloat16 through the fused op on the quantized path, else float32."""
+        """RMSNorm of x [T, C]: in the projections' half precision through the fused op where
+        there is one (the quantized CPU path, bf16 / fp16 on a GPU), else float32."""
         if self.layer_ops is not None:
-            return self.layer_ops.rms_norm(x, weight, self.cfg.rms_norm_eps)  # [T, C] bf16
+            return self.layer_ops.rms_norm(x, weight, self.cfg.rms_norm_eps)  # [T, C] half
         return rms_norm(x, weight, self.cfg.rms_norm_eps)                         # [T, C]
 
     def _add_norm(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual x [T, C] plus a sublayer's output y [T, C], and its RMSNorm: one fused op
-        on the quantized path (x updated in place, the sum in float32 as torch's add), else
-        torch ops."""
+        where there is one (x updated in place, the sum in float32 as torch's add), else torch ops."""
         if self.layer_ops is not None:
-            return x, self.layer_ops.add_rms_norm(x, y, weight, self.cfg.rms_norm_eps)  # [T, C], [T, C] bf16
+            return x, self.layer_ops.add_rms_norm(x, y, weight, self.cfg.rms_norm_eps)  # [T, C], [T, C] half
         x = x + y                                                    # [T, C]
         return x, rms_norm(x, weight, self.cfg.rms_norm_eps)         # [T, C], [T, C]
 
@@ -214,7 +214,7 @@ class LlamaModel:
              bd: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q/k/v projection and RoPE of the normed residual [T, C] -> q [T, H, D], k, v [T, KVH, D]."""
         h, kvh, d = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
-        if self.layer_ops is not None:  # the fused ops take a GEMM's bfloat16 output as it is
+        if self.layer_ops is not None:  # the fused ops take a GEMM's half-precision output as it is
             qkv = layer.qkv(normed, bd, keep_bf16=True)              # [T, (H + 2 KVH) D]
             return self.layer_ops.qkv_rope(qkv, cos, sin, h, kvh)
         qkv = layer.qkv(normed, bd)                                  # [T, (H + 2 KVH) D]
@@ -225,7 +225,7 @@ class LlamaModel:
 
     def _mlp(self, layer: DecoderLayer, normed: torch.Tensor, bd: int | None) -> torch.Tensor:
         """SwiGLU of the normed residual [T, C] -> [T, C]."""
-        if self.layer_ops is not None:  # bfloat16 GEMM outputs go to the fused ops as they are
+        if self.layer_ops is not None:  # half-precision GEMM outputs go to the fused ops as they are
             gate_up = layer.gate_up(normed, bd, keep_bf16=True)      # [T, 2 I]
             return layer.down(self.layer_ops.silu_mul(gate_up), bd, keep_bf16=True)  # [T, C]
         gate_up = layer.gate_up(normed, bd)                          # [T, 2 I]

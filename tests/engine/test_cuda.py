@@ -57,7 +57,12 @@ def test_greedy_matches_transformers_on_the_gpu(model, tiny_llama_dir, request):
         with torch.no_grad():
             want = ref.generate(torch.tensor([ids], device="cuda"), max_new_tokens=40, do_sample=False,
                                 eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
-        assert list(done.token_ids) == want
+        got = list(done.token_ids)
+        if got != want:  # only a near-tie may part them (a random model's logits are close together)
+            i = next(j for j, (a, b) in enumerate(zip(got, want)) if a != b)
+            with torch.no_grad():
+                logits = ref(torch.tensor([ids + want[:i]], device="cuda")).logits[0, -1]  # [V]
+            assert (logits[want[i]] - logits[got[i]]).item() < 1e-4, (prompt, i)
 
 
 def test_graphs_give_the_eager_tokens_and_telemetry(tiny_llama_dir):
