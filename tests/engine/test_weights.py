@@ -14,8 +14,8 @@ from server.config import CacheConfig, EngineConfig
 from server.engine.engine import Engine
 from server.engine.loader import load_model
 from server.engine.request import SamplingParams
-from server.engine.weights import (Bf16Linear, Embedding, QuantizedTensor, WeightFormatError, WeightSource, make_linear,
-                                   resolve_format, stack_rows)
+from server.engine.weights import (Bf16Linear, Embedding, QuantizedTensor, WeightFormatError, WeightSource,
+                                   format_for_dtype, make_linear, resolve_format, stack_rows)
 
 CPU = torch.device("cpu")
 BF16_EPS = 2.0 ** -8  # bfloat16 keeps 8 significant bits: rounding is within 2^-9 relative, 2^-8 to be safe
@@ -143,6 +143,29 @@ def test_auto_picks_the_files_own_format_and_explicit_formats_are_checked():
         resolve_format("int4", q4, "x", torch.device("cuda"))
     with pytest.raises(WeightFormatError, match="unknown weight format"):
         resolve_format("int3", q4, "x", CPU)
+
+
+@pytest.mark.parametrize("bf16_gpu, want", [(True, "bf16"), (False, "fp16")])
+def test_dtype_names_the_format_and_auto_on_a_gpu_is_half_precision(monkeypatch, bf16_gpu, want):
+    """--dtype auto: a CPU keeps --weight-format, a GPU gets bf16 where it has bfloat16, else fp16;
+    a named dtype sets the format, and a different explicit format is an error."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_gpu)
+    assert format_for_dtype("auto", "auto", cuda) == want
+    assert format_for_dtype("auto", "fp32", cuda) == "fp32"
+    assert [format_for_dtype("auto", f, CPU) for f in ("auto", "int4", "bf16")] == ["auto", "int4", "bf16"]
+    assert [format_for_dtype(d, "auto", CPU) for d in ("bfloat16", "float16", "float32")] == ["bf16", "fp16", "fp32"]
+    assert format_for_dtype("float16", "fp16", cuda) == "fp16"
+    with pytest.raises(WeightFormatError, match="dtype bfloat16 runs bf16 weights, which conflicts with weight format int4"):
+        format_for_dtype("bfloat16", "int4", CPU)
+
+
+def test_fp16_linear_is_f_linear_in_float16():
+    w, x = torch.randn(24, 40), torch.randn(5, 40)
+    lin = make_linear(w, None, "fp16", "t", CPU)
+    want = F.linear(x.half(), w.half())                                     # [5, 24] fp16
+    assert lin.format == "fp16" and lin.act_dtype == torch.float16
+    assert torch.equal(lin(x, keep_bf16=True), want) and torch.equal(lin(x), want.float())
 
 
 def test_stacked_projections_keep_blocks_only_when_every_part_has_them():
