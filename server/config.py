@@ -149,6 +149,7 @@ class TelemetryConfig:
 
 WEIGHT_FORMATS = ("auto", "fp32", "bf16", "fp16", "int8", "int4")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+DTYPE_FORMATS = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}  # the weight format each dtype runs
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,9 @@ class EngineConfig:
                  f"weight_format must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weight_format!r}")
         _require(self.num_threads is None or self.num_threads > 0, "num_threads must be > 0")
         _require(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _require(self.dtype == "auto" or self.weight_format in ("auto", DTYPE_FORMATS[self.dtype]),
+                 f"dtype {self.dtype} runs {DTYPE_FORMATS.get(self.dtype)} weights, which conflicts with weight "
+                 f"format {self.weight_format}; give one of them")
 
 
 @dataclass(frozen=True)

@@ -75,3 +75,17 @@ def test_kv_cache_dtype_flag_reaches_the_engine_config(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--kv-cache-dtype", "fp8"])
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def test_dtype_and_enforce_eager_flags_reach_the_engine_config(capsys):
+    from server.cli import build_parser, engine_config
+
+    default = engine_config(build_parser().parse_args(["serve"]))
+    assert (default.dtype, default.enforce_eager) == ("auto", False)
+    cfg = engine_config(build_parser().parse_args(["serve", "--dtype", "float16", "--enforce-eager"]))
+    assert (cfg.dtype, cfg.enforce_eager) == ("float16", True)
+    with pytest.raises(ValueError, match="dtype bfloat16 runs bf16 weights, which conflicts with weight format int4"):
+        engine_config(build_parser().parse_args(["serve", "--dtype", "bfloat16", "--weight-format", "int4"]))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--dtype", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from server.config import WEIGHT_FORMATS
+from server.config import DTYPE_FORMATS, WEIGHT_FORMATS
 from server.engine.host_memory import Arena
 from server.engine.quant_matmul import QuantMatmul, load_quant_matmul, pack_blocks, quantize_q8_0
 
@@ -161,9 +161,6 @@ def resolve_format(requested: str, w: torch.Tensor | QuantizedTensor, name: str,
             f"tensor {name} is {kind}; weight format int4 keeps Q4_0 / Q4_1 blocks only "
             f"(use auto, int8, bf16 or fp32)")
     return requested
-
-
-DTYPE_FORMATS = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 def format_for_dtype(dtype: str, weight_format: str, device: torch.device) -> str:
